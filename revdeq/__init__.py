@@ -1,0 +1,1 @@
+"""revdeq: Reversible Deep Equilibrium Models in JAX/Equinox."""

@@ -1,1 +1,26 @@
-"""revdeq: Reversible Deep Equilibrium Models in JAX/Equinox."""
+"""revdeq: Deep Equilibrium Models and Reversible DEQs in JAX/Equinox."""
+
+from . import internal as internal
+from ._adjoint.base import AbstractAdjoint as AbstractAdjoint
+from ._adjoint.implicit import ImplicitAdjoint as ImplicitAdjoint
+from ._adjoint.phantom import PhantomAdjoint as PhantomAdjoint
+from ._adjoint.reversible import (
+    reconstruction_error as reconstruction_error,
+    ReversibleAdjoint as ReversibleAdjoint,
+)
+from ._adjoint.unrolled import UnrolledAdjoint as UnrolledAdjoint
+from ._precision import (
+    AbstractPrecision as AbstractPrecision,
+    ExactState as ExactState,
+    FloatState as FloatState,
+)
+from ._solution import RESULTS as RESULTS, Solution as Solution
+from ._solve import solve as solve
+from ._solver.anderson import Anderson as Anderson
+from ._solver.base import AbstractSolver as AbstractSolver
+from ._solver.broyden import Broyden as Broyden
+from ._solver.fixed_point import FixedPointIteration as FixedPointIteration
+from ._solver.reversible import Reversible as Reversible
+
+
+__version__ = "0.1.0"

@@ -1,0 +1,98 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+
+from .._iterate import iterate
+from .._tree import tree_sub
+from .base import AbstractAdjoint, report_failure
+
+
+_NOT_CONVERGED = (
+    "ImplicitAdjoint: the backward linear solve did not converge, so the gradient is "
+    "inexact. Converge the forward solve further (raise `max_steps`, tighten the "
+    "tolerances), or give `linear_solver` more steps."
+)
+
+
+class ImplicitAdjoint(AbstractAdjoint):
+    """Implicit-function-theorem gradients at the fixed point.
+
+    At `z* = f(z*, θ)`, the cotangent `g` of `z*` pulls back as `(∂f/∂θ)ᵀ w` where
+    `w = g + (∂f/∂z)ᵀ w`. The linear system `(I − (∂f/∂z)ᵀ) w = g` is solved
+    matrix-free with lineax, through vector-Jacobian products of `f` only, warm-started
+    at `w = g`. The gradient is exact only at an exact fixed point; it is zero with
+    respect to `z0`.
+
+    A backward solve that does not converge raises under `throw=True` and is warned
+    about otherwise.
+
+    **Arguments:**
+
+    - `linear_solver`: a matrix-free `lineax` solver (default GMRES). Dense solvers
+        such as `lx.LU()` materialise the Jacobian: use them only for small states.
+
+    ??? cite "Reference"
+
+        ```bibtex
+        @inproceedings{bai2019deep,
+            title={Deep Equilibrium Models},
+            author={Bai, Shaojie and Kolter, J Zico and Koltun, Vladlen},
+            booktitle={Advances in Neural Information Processing Systems},
+            year={2019}
+        }
+        ```
+    """
+
+    linear_solver: lx.AbstractLinearSolver = lx.GMRES(
+        rtol=1e-5, atol=1e-5, restart=20, stagnation_iters=20, max_steps=200
+    )
+
+    def apply(self, fn, solver, z0, args, *, max_steps, throw):
+        return _implicit_solve(
+            (fn, args), z0, solver, max_steps, self.linear_solver, throw
+        )
+
+
+@eqx.filter_custom_vjp
+def _implicit_solve(fn_args, z0, solver, max_steps, linear_solver, throw):
+    fn, args = fn_args
+    return iterate(fn, solver, z0, args, max_steps=max_steps)
+
+
+@_implicit_solve.def_fwd
+def _implicit_solve_fwd(perturbed, fn_args, z0, solver, max_steps, linear_solver, throw):
+    del perturbed
+    out = _implicit_solve.fn(fn_args, z0, solver, max_steps, linear_solver, throw)
+    return out, out.value
+
+
+@_implicit_solve.def_bwd
+def _implicit_solve_bwd(
+    z_star, grad_obj, perturbed, fn_args, z0, solver, max_steps, linear_solver, throw
+):
+    del perturbed, z0, solver, max_steps
+    fn, args = fn_args
+    cotangent = _zeros_for_none(grad_obj.value, z_star)
+    _, vjp_z = jax.vjp(lambda z: fn(z, args), z_star)
+    operator = lx.FunctionLinearOperator(
+        lambda w: tree_sub(w, vjp_z(w)[0]), jax.eval_shape(lambda: z_star)
+    )
+    sol = lx.linear_solve(
+        operator, cotangent, linear_solver, options={"y0": cotangent}, throw=False
+    )
+    failed = sol.result != lx.RESULTS.successful
+    w = report_failure(sol.value, failed, _NOT_CONVERGED, throw)
+    _, vjp_fn_args = eqx.filter_vjp(lambda fa: fa[0](z_star, fa[1]), fn_args)
+    (grad,) = vjp_fn_args(w)
+    return grad
+
+
+def _zeros_for_none(cotangent, like):
+    return jax.tree.map(
+        lambda c, x: jnp.zeros_like(x) if c is None else c,
+        cotangent,
+        like,
+        is_leaf=lambda c: c is None,
+    )
+

@@ -1,0 +1,31 @@
+from .._iterate import iterate
+from .base import AbstractAdjoint
+
+
+class UnrolledAdjoint(AbstractAdjoint):
+    """Backpropagate through every iteration: the exact gradient of the computed
+    output, and the reference the other adjoints are measured against.
+
+    The loop is recomputed from `checkpoints` stored states (binomial checkpointing,
+    via `equinox.internal.while_loop`), so memory grows with the number of
+    checkpoints rather than with the number of steps.
+
+    **Arguments:**
+
+    - `checkpoints`: the number of stored states; `None` derives it from
+        `max_steps`, as `equinox.internal.while_loop` does.
+    """
+
+    checkpoints: int | None = None
+
+    def apply(self, fn, solver, z0, args, *, max_steps, throw):
+        del throw
+        return iterate(
+            fn,
+            solver,
+            z0,
+            args,
+            max_steps=max_steps,
+            checkpoints=self.checkpoints,
+            differentiable=True,
+        )

@@ -1,0 +1,17 @@
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+from jaxtyping import PyTree
+
+
+Y: TypeAlias = PyTree[Any]
+"""A DEQ state: any pytree of floating-point arrays."""
+
+Args: TypeAlias = PyTree[Any]
+"""The injected input `args` of a cell `fn(z, args)`."""
+
+Fn: TypeAlias = Callable[[Y, Args], Y]
+"""A cell `fn(z, args) -> z`."""
+
+AuxFn: TypeAlias = Callable[[Y, Args], tuple[Y, Any]]
+"""A cell in optimistix's convention, `fn(z, args) -> (z, aux)`."""

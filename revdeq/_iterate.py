@@ -1,0 +1,92 @@
+"""The one driver loop that every solve runs, whichever adjoint differentiates it."""
+
+import equinox as eqx
+import equinox.internal as eqxi
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Int, PyTree
+
+from ._custom_types import Args, Fn, Y
+from ._solution import RESULTS
+from ._solver.base import AbstractSolver
+
+
+class AuxFn(eqx.Module):
+    """`fn(z, args) -> z` in optimistix's `fn(z, args) -> (z, aux)` convention."""
+
+    fn: Fn
+
+    def __call__(self, z, args):
+        return self.fn(z, args), None
+
+
+class Iteration(eqx.Module):
+    """What the driver loop returns."""
+
+    value: Y
+    state: PyTree
+    num_steps: Int[Array, ""]
+    result: RESULTS
+    # Evaluations of `fn` made outside the loop, by the adjoint.
+    extra_fn_evals: int = eqx.field(static=True, default=0)
+
+    def stats(self) -> dict[str, Array]:
+        progress = self.state.progress
+        return {
+            "num_steps": self.num_steps,
+            "num_fn_evals": progress.num_fn_evals + self.extra_fn_evals,
+            "residual": progress.residual,
+        }
+
+
+def iterate(
+    fn: Fn,
+    solver: AbstractSolver,
+    z0: Y,
+    args: Args,
+    *,
+    max_steps: int,
+    checkpoints: int | None = None,
+    differentiable: bool = False,
+) -> Iteration:
+    """Run `solver` on `fn` from `z0` until it terminates or takes `max_steps` steps.
+
+    With `differentiable=True` the loop supports reverse-mode autodiff through
+    `equinox.internal.while_loop` with `checkpoints` recomputation checkpoints;
+    otherwise it is a plain `lax.while_loop`.
+    """
+    aux_fn = AuxFn(fn)
+    options = {"max_steps": max_steps}
+    tags = frozenset()
+    f_struct = jax.eval_shape(lambda: z0)
+    state = solver.init(aux_fn, z0, args, options, f_struct, None, tags)
+    init = (jnp.array(0), z0, state, jnp.array(False), RESULTS.successful)
+
+    def cond(carry):
+        step, _, _, done, _ = carry
+        return ~done & (step < max_steps)
+
+    def body(carry):
+        step, z, state, _, _ = carry
+        z, state, _ = solver.step(aux_fn, z, args, options, state, tags)
+        done, result = solver.terminate(aux_fn, z, args, options, state, tags)
+        return step + 1, z, state, done, RESULTS.promote(result)
+
+    if differentiable:
+        final = eqxi.while_loop(
+            cond,
+            body,
+            init,
+            max_steps=max_steps,
+            kind="checkpointed",
+            checkpoints=checkpoints,
+        )
+    else:
+        final = jax.lax.while_loop(cond, body, init)
+    num_steps, z, state, done, result = final
+    progress = state.progress
+    result = RESULTS.where(
+        progress.in_range, result, RESULTS.state_out_of_range
+    )
+    result = RESULTS.where(done, result, RESULTS.max_steps_reached)
+    return Iteration(z, state, num_steps, result)

@@ -1,0 +1,281 @@
+"""How the reversible iteration stores its state, and so how exactly it reverses.
+
+A precision policy owns the arithmetic of the update `s ← c·s + β·f` (with
+`c = 1 − β`) and of its inverse `s ← (s − β·f) / c`. Inverting a step that contracts
+by `|c|` must recover `log2(1/|c|)` bits per element, so a policy decides where those
+bits live:
+
+- [`revdeq.FloatState`][] keeps the state as floats. The inverse amplifies rounding by
+  `1/|c|` per step, so exactness lasts only as long as the state's spare mantissa.
+- [`revdeq.ExactState`][] keeps the state as a fixed-point integer and pushes exactly
+  the bits that the multiplication by `c` discards into an integer information
+  buffer. The reversal is then bit-exact for any number of steps, at a memory cost of
+  `log2(1/|c|)` bits per element per step: the information limit.
+"""
+
+import abc
+import math
+from fractions import Fraction
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, Bool, Float, Int, PyTree
+
+from ._custom_types import Y
+
+
+class AbstractPrecision(eqx.Module):
+    """A state representation for [`revdeq.Reversible`][]."""
+
+    @abc.abstractmethod
+    def encode(self, z0: Y, fz0: Y, beta: float, max_steps: int) -> PyTree:
+        """The representation of `z0`, given its image `fz0 = f(z0)`."""
+
+    @abc.abstractmethod
+    def forward(self, state: PyTree, fval: Y, beta: float) -> PyTree:
+        """`(1 − β)·state + β·fval`."""
+
+    @abc.abstractmethod
+    def reverse(self, state: PyTree, fval: Y, beta: float) -> PyTree:
+        """The inverse of `forward`: `(state − β·fval) / (1 − β)`."""
+
+    @abc.abstractmethod
+    def decode(self, state: PyTree) -> Y:
+        """The value `f` sees, in the dtypes of `z0`."""
+
+    @abc.abstractmethod
+    def in_range(self, state: PyTree) -> Bool[Array, ""]:
+        """Whether the representation still holds the state faithfully."""
+
+
+class _FloatCarrier(eqx.Module):
+    value: PyTree[Array]
+    dtypes: tuple = eqx.field(static=True)
+
+
+class FloatState(AbstractPrecision):
+    """Keep the reversible state as floats of `dtype` (default: the dtype of `z0`).
+
+    A float64 state under a float32 cell (with `jax.config.update("jax_enable_x64",
+    True)`) gives 29 spare bits, enough for about `29 / log2(1/|1 − β|)` exact steps.
+    A state of the cell's own dtype has no spare bits; the reconstruction
+    certificate of [`revdeq.ReversibleAdjoint`][] reports the resulting drift.
+
+    **Arguments:**
+
+    - `dtype`: the floating dtype of the state, or `None` for that of `z0`.
+    """
+
+    dtype: jnp.dtype | None = eqx.field(static=True, default=None)
+
+    def __check_init__(self):
+        if self.dtype is not None:
+            if not jnp.issubdtype(self.dtype, jnp.floating):
+                raise ValueError(f"`dtype` must be floating, got {self.dtype}.")
+            if jnp.dtype(self.dtype).itemsize == 8 and not jax.config.jax_enable_x64:
+                raise ValueError(
+                    "`FloatState(dtype=float64)` needs "
+                    "`jax.config.update('jax_enable_x64', True)`; without x64 use "
+                    "`ExactState()`, which is exact in float32."
+                )
+
+    def encode(self, z0, fz0, beta, max_steps):
+        del fz0, beta, max_steps
+        leaves, treedef = jtu.tree_flatten(z0)
+        dtypes = tuple(leaf.dtype for leaf in leaves)
+        value = z0 if self.dtype is None else jtu.tree_map(
+            lambda x: x.astype(self.dtype), z0
+        )
+        return _FloatCarrier(value, dtypes)
+
+    def forward(self, state, fval, beta):
+        new = jtu.tree_map(
+            lambda s, f: ((1 - beta) * s + beta * f.astype(s.dtype)).astype(s.dtype),
+            state.value,
+            fval,
+        )
+        return _FloatCarrier(new, state.dtypes)
+
+    def reverse(self, state, fval, beta):
+        new = jtu.tree_map(
+            lambda s, f: ((s - beta * f.astype(s.dtype)) / (1 - beta)).astype(s.dtype),
+            state.value,
+            fval,
+        )
+        return _FloatCarrier(new, state.dtypes)
+
+    def decode(self, state):
+        leaves, treedef = jtu.tree_flatten(state.value)
+        return jtu.tree_unflatten(
+            treedef, [x.astype(d) for x, d in zip(leaves, state.dtypes)]
+        )
+
+    def in_range(self, state):
+        del state
+        return jnp.array(True)
+
+
+_LIMB_BITS = 16
+_LIMB_MASK = (1 << _LIMB_BITS) - 1
+# Fixed-point magnitudes stay below 2**_INT_BITS so that `|Y| · n` fits in int32.
+_INT_BITS = 30
+# Bits of headroom above the initial bound on the state's magnitude.
+_HEADROOM_BITS = 4
+_MAX_DENOMINATOR = 1 << 14
+
+
+def _rational(c: float) -> tuple[int, int, int]:
+    """`c ≈ sign · n / d` with `d ≤ 2**14`, the best such rational."""
+    frac = Fraction(abs(c)).limit_denominator(_MAX_DENOMINATOR)
+    return (1 if c > 0 else -1), frac.numerator, frac.denominator
+
+
+def _num_limbs(beta: float, max_steps: int) -> int:
+    _, n, d = _rational(1 - beta)
+    bits = max_steps * math.log2(d / n) + math.log2(d) + _LIMB_BITS
+    return math.ceil(bits / _LIMB_BITS) + 1
+
+
+def _push(buffer, digit, base: int):
+    """`buffer ← buffer · base + digit`, little-endian 16-bit limbs."""
+    carry = digit
+    limbs = []
+    for limb in buffer:
+        t = limb * base + carry
+        limbs.append(t & _LIMB_MASK)
+        carry = t >> _LIMB_BITS
+    return jnp.stack(limbs), jnp.any(carry != 0)
+
+
+def _pop(buffer, base: int):
+    """`(buffer // base, buffer % base)`."""
+    rem = jnp.zeros_like(buffer[0])
+    limbs = []
+    for limb in buffer[::-1]:
+        cur = (rem << _LIMB_BITS) | limb
+        limbs.append(cur // base)
+        rem = cur % base
+    return jnp.stack(limbs[::-1]), rem
+
+
+class _ExactLeaf(eqx.Module):
+    ints: Int[Array, "..."]
+    buffer: Int[Array, "limbs ..."]
+    exponent: Int[Array, ""]
+    value: Float[Array, "..."]
+    ok: Bool[Array, ""]
+
+
+class ExactState(AbstractPrecision):
+    """Bit-exact reversal through a fixed-point state and an information buffer.
+
+    Each leaf is stored as `Y · 2^(−e)` with `Y` an int32 and one exponent `e` per
+    leaf, chosen from `max(|z0|, |f(z0)|)` with 16× headroom, so the resolution is
+    about `2^-26` of the state's scale. Additions are then exact, and the
+    multiplication by `c = 1 − β ≈ ±n/d` (the best rational with `d ≤ 2^14`) is made
+    invertible by the information-buffer scheme of Maclaurin et al.: the remainder
+    of `Y mod d` is pushed into a per-element integer buffer, and `Y // d` gets back
+    `log2(n)` of those bits. The buffer grows by `log2(d/n) = log2(1/|c|)` bits per
+    step: the information limit. `f` still sees floats of the dtype of `z0`, and
+    its output enters the state as `round(β·f·2^e)`, a deterministic function of
+    `f`'s bits.
+
+    The reconstruction is exact whatever `β`, dtype or number of steps, as long as
+    `f` returns the same bits when re-evaluated on the same input, and the state stays
+    within its range (reported as `RESULTS.state_out_of_range`).
+
+    ??? cite "Reference"
+
+        ```bibtex
+        @inproceedings{maclaurin2015gradient,
+            title={Gradient-based hyperparameter optimization through reversible
+                   learning},
+            author={Maclaurin, Dougal and Duvenaud, David and Adams, Ryan},
+            booktitle={International Conference on Machine Learning},
+            pages={2113--2122}, year={2015}
+        }
+        ```
+    """
+
+    def encode(self, z0, fz0, beta, max_steps):
+        sign, n, d = _rational(1 - beta)
+        bound = max(1.0, abs(beta) / (1 - abs(1 - beta)))
+        num_limbs = _num_limbs(beta, max_steps)
+
+        def leaf(z, f):
+            m = jnp.maximum(jnp.max(jnp.abs(z)), bound * jnp.max(jnp.abs(f)))
+            m = jnp.maximum(m.astype(jnp.float32), jnp.finfo(jnp.float32).tiny)
+            top = jnp.ceil(jnp.log2(m)).astype(jnp.int32)
+            exponent = jnp.clip(_INT_BITS - 1 - _HEADROOM_BITS - top, -120, 120)
+            ints = jnp.round(_scale(z, exponent)).astype(jnp.int32)
+            buffer = jnp.zeros((num_limbs, *z.shape), jnp.int32)
+            value = _straight_through(_unscale(ints, exponent, z.dtype), z)
+            return _ExactLeaf(ints, buffer, exponent, value, jnp.array(True))
+
+        return jtu.tree_map(leaf, z0, fz0)
+
+    def forward(self, state, fval, beta):
+        sign, n, d = _rational(1 - beta)
+
+        def leaf(s: _ExactLeaf, f):
+            buffer, overflow_push = _push(s.buffer, s.ints % d, d)
+            buffer, rem = _pop(buffer, n)
+            injection, injection_ok = _injection(f, beta, s.exponent)
+            ints = sign * ((s.ints // d) * n + rem) + injection
+            linear = (1 - beta) * s.value + beta * f.astype(s.value.dtype)
+            value = _straight_through(_unscale(ints, s.exponent, s.value.dtype), linear)
+            in_range = jnp.all(jnp.abs(ints) < (1 << _INT_BITS))
+            ok = s.ok & ~overflow_push & injection_ok & in_range
+            return _ExactLeaf(ints, buffer, s.exponent, value, ok)
+
+        return jtu.tree_map(leaf, state, fval, is_leaf=_is_exact_leaf)
+
+    def reverse(self, state, fval, beta):
+        sign, n, d = _rational(1 - beta)
+
+        def leaf(s: _ExactLeaf, f):
+            ints = sign * (s.ints - _injection(f, beta, s.exponent)[0])
+            buffer, overflow_push = _push(s.buffer, ints % n, n)
+            buffer, rem = _pop(buffer, d)
+            ints = (ints // n) * d + rem
+            value = _unscale(ints, s.exponent, s.value.dtype)
+            return _ExactLeaf(ints, buffer, s.exponent, value, s.ok & ~overflow_push)
+
+        return jtu.tree_map(leaf, state, fval, is_leaf=_is_exact_leaf)
+
+    def decode(self, state):
+        return jtu.tree_map(lambda s: s.value, state, is_leaf=_is_exact_leaf)
+
+    def in_range(self, state):
+        oks = [s.ok for s in jtu.tree_leaves(state, is_leaf=_is_exact_leaf)]
+        return jnp.all(jnp.stack(oks))
+
+
+def _is_exact_leaf(x) -> bool:
+    return isinstance(x, _ExactLeaf)
+
+
+def _scale(x, exponent):
+    return x.astype(jnp.float32) * jnp.exp2(exponent.astype(jnp.float32))
+
+
+def _unscale(ints, exponent, dtype):
+    return (ints.astype(jnp.float32) * jnp.exp2(-exponent.astype(jnp.float32))).astype(
+        dtype
+    )
+
+
+def _injection(f, beta, exponent):
+    """`round(β·f·2^e)`, the same integer whenever `f` has the same bits, and whether
+    it fits."""
+    beta_f = (beta * jax.lax.stop_gradient(f)).astype(jnp.float32)
+    scaled = jnp.round(_scale(beta_f, exponent))
+    fits = jnp.all(jnp.abs(scaled) < (1 << _INT_BITS))
+    return scaled.astype(jnp.int32), fits
+
+
+def _straight_through(exact, linear):
+    """The value of `exact` with the derivative of `linear`, for unrolled autodiff."""
+    return jax.lax.stop_gradient(exact) + (linear - jax.lax.stop_gradient(linear))

@@ -1,0 +1,47 @@
+from typing import Any
+
+import equinox as eqx
+import optimistix as optx
+from jaxtyping import Array, PyTree
+
+from ._custom_types import Y
+
+
+class RESULTS(optx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
+    """Result codes of [`revdeq.solve`][]. Read a message with `RESULTS[sol.result]`.
+
+    Reaching `max_steps` is the normal budget of DEQ training and is reported, never
+    raised. The other failures raise under `throw=True`.
+    """
+
+    diverged = (
+        "The iteration diverged: the state grew far beyond the cell's output. Lower "
+        "the damping or `beta`, or make the cell contractive (normalise its weights)."
+    )
+    reconstruction_drift = (
+        "The reversible backward pass rebuilt an initial state that differs from the "
+        "true one, so the gradient is not exact. Use the default `ExactState` "
+        "precision, a float64 state, or fewer steps."
+    )
+    state_out_of_range = (
+        "The exact fixed-point state left its representable range. Start from a "
+        "smaller `z0`, or use a `FloatState` precision."
+    )
+
+
+class Solution(eqx.Module):
+    """The result of [`revdeq.solve`][].
+
+    **Attributes:**
+
+    - `value`: the fixed-point estimate, a pytree like `z0`.
+    - `result`: a [`revdeq.RESULTS`][] code; `RESULTS[sol.result]` reads its message.
+    - `stats`: a dict with `num_steps`, `num_fn_evals` (forward evaluations of `fn`)
+        and `residual`, the relative residual `‖f(z) − z‖ / ‖f(z)‖` at the last
+        evaluated iterate. Under `vmap` each is per sample.
+    """
+
+    value: Y
+    result: RESULTS
+    stats: dict[str, PyTree[Array]]
+    state: Any = eqx.field(repr=False, default=None)

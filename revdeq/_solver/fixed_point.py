@@ -1,0 +1,55 @@
+from collections.abc import Callable
+
+import equinox as eqx
+import optimistix as optx
+from jaxtyping import PyTree, Scalar
+
+from .._tree import tree_dtype, tree_lerp
+from .base import AbstractSolver, check_tolerances, ConvergenceState, no_progress
+
+
+class _FixedPointState(eqx.Module):
+    progress: ConvergenceState
+
+
+class FixedPointIteration(AbstractSolver):
+    """Damped fixed-point iteration `z ← (1 − damping) z + damping f(z)`.
+
+    One evaluation of `f` per step. Simple and robust for contractive cells; prefer
+    [`revdeq.Anderson`][] for speed or [`revdeq.Reversible`][] for exact gradients.
+
+    **Arguments:**
+
+    - `damping`: weight of `f(z)` in the update, in (0, 2); `1` is plain iteration.
+    - `rtol`, `atol`: stop once `rms(f(z) − z) < atol + rtol · rms(f(z))`.
+
+    !!! Example
+
+        ```python
+        sol = revdeq.solve(lambda z, x: jnp.tanh(0.5 * z + x), jnp.zeros(3),
+                           jnp.ones(3), solver=revdeq.FixedPointIteration(),
+                           adjoint=revdeq.ImplicitAdjoint(), max_steps=50)
+        ```
+    """
+
+    damping: float = 1.0
+    rtol: float = 1e-4
+    atol: float = 1e-6
+    norm: Callable[[PyTree], Scalar] = optx.rms_norm
+
+    def __check_init__(self):
+        check_tolerances(self)
+        if not 0 < self.damping < 2:
+            raise ValueError(f"`damping` must lie in (0, 2), got {self.damping}.")
+
+    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+        del fn, args, options, f_struct, aux_struct, tags
+        return _FixedPointState(no_progress(tree_dtype(y)))
+
+    def step(self, fn, y, args, options, state, tags):
+        del options, tags
+        fy, aux = fn(y, args)
+        evals = state.progress.num_fn_evals + 1
+        new_y = tree_lerp(self.damping, y, fy)
+        return new_y, _FixedPointState(self.progress(fy, y, evals)), aux
+

@@ -1,0 +1,75 @@
+"""Arithmetic on pytrees of arrays, the vocabulary the solvers share."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, PyTree, Scalar
+
+
+def tree_axpy(a, x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
+    """`a * x + y`, leaf by leaf, keeping each leaf of `y`'s dtype."""
+    return jtu.tree_map(lambda xi, yi: (a * xi + yi).astype(yi.dtype), x, y)
+
+
+def tree_lerp(t, x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
+    """`(1 - t) * x + t * y`, leaf by leaf, in `x`'s dtypes."""
+    return jtu.tree_map(lambda xi, yi: ((1 - t) * xi + t * yi).astype(xi.dtype), x, y)
+
+
+def tree_sub(x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
+    return jtu.tree_map(jnp.subtract, x, y)
+
+
+def tree_scale(a, x: PyTree[Array]) -> PyTree[Array]:
+    return jtu.tree_map(lambda xi: (a * xi).astype(xi.dtype), x)
+
+
+def tree_dtype(x: PyTree[Array]):
+    """The dtype that all leaves of `x` promote to."""
+    return jnp.result_type(*jtu.tree_leaves(x))
+
+
+def tree_sum_squares(x: PyTree[Array]) -> Scalar:
+    dtype = tree_dtype(x)
+    return sum(
+        (jnp.sum(jnp.square(leaf.astype(dtype))) for leaf in jtu.tree_leaves(x)),
+        jnp.zeros((), dtype),
+    )
+
+
+def tree_size(x: PyTree[Array]) -> int:
+    return sum(leaf.size for leaf in jtu.tree_leaves(x))
+
+
+def tree_rms(x: PyTree[Array]) -> Scalar:
+    """Root mean square over every element of every leaf."""
+    return jnp.sqrt(tree_sum_squares(x) / max(tree_size(x), 1))
+
+
+def relative_residual(fz: PyTree[Array], z: PyTree[Array]) -> Scalar:
+    """`‖f(z) − z‖ / ‖f(z)‖`, guarded against a zero `f(z)`."""
+    num = tree_rms(tree_sub(fz, z))
+    den = tree_rms(fz)
+    tiny = jnp.finfo(den.dtype).tiny
+    return num / jnp.maximum(den, tiny)
+
+
+def tree_isfinite(x: PyTree[Array]) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf))
+                              for leaf in jtu.tree_leaves(x)]))
+
+
+def tree_equal(x: PyTree[Array], y: PyTree[Array]) -> jax.Array:
+    """Whether every element of `x` equals that of `y`, as a traced boolean."""
+    return jnp.all(
+        jnp.stack([jnp.all(a == b) for a, b in zip(jtu.tree_leaves(x),
+                                                    jtu.tree_leaves(y))])
+    )
+
+
+def tree_stop_gradient(x: PyTree):
+    """`lax.stop_gradient` on the array leaves of any pytree, such as a Module."""
+    return jtu.tree_map(
+        lambda leaf: jax.lax.stop_gradient(leaf) if eqx.is_array(leaf) else leaf, x
+    )

@@ -119,8 +119,6 @@ class FloatState(AbstractPrecision):
 
 _LIMB_BITS = 16
 _LIMB_MASK = (1 << _LIMB_BITS) - 1
-# Fixed-point magnitudes stay below 2**_INT_BITS so that `|Y| · n` fits in int32.
-_INT_BITS = 30
 # Bits of headroom above the initial bound on the state's magnitude.
 _HEADROOM_BITS = 4
 _MAX_DENOMINATOR = 1 << 14
@@ -171,9 +169,9 @@ class _ExactLeaf(eqx.Module):
 class ExactState(AbstractPrecision):
     """Bit-exact reversal through a fixed-point state and an information buffer.
 
-    Each leaf is stored as `Y · 2^(−e)` with `Y` an int32 and one exponent `e` per
-    leaf, chosen from `max(|z0|, |f(z0)|)` with 16× headroom, so the resolution is
-    about `2^-26` of the state's scale. Additions are then exact, and the
+    Each leaf is stored as `Y · 2^(−e)` with `Y` an int32 (int64 for float64 states)
+    and one exponent `e` per leaf, chosen from `max(|z0|, |f(z0)|)` with 16×
+    headroom, so the resolution is about `2^-26` (`2^-57`) of the state's scale. Additions are then exact, and the
     multiplication by `c = 1 − β ≈ ±n/d` (the best rational with `d ≤ 2^14`) is made
     invertible by the information-buffer scheme of Maclaurin et al.: the remainder
     of `Y mod d` is pushed into a per-element integer buffer, and `Y // d` gets back
@@ -205,11 +203,12 @@ class ExactState(AbstractPrecision):
         num_limbs = _num_limbs(beta, max_steps)
 
         def leaf(z, f):
+            int_dtype, float_dtype, bits = _fixed_point_format(z.dtype)
             m = jnp.maximum(jnp.max(jnp.abs(z)), bound * jnp.max(jnp.abs(f)))
-            m = jnp.maximum(m.astype(jnp.float32), jnp.finfo(jnp.float32).tiny)
+            m = jnp.maximum(m.astype(float_dtype), jnp.finfo(float_dtype).tiny)
             top = jnp.ceil(jnp.log2(m)).astype(jnp.int32)
-            exponent = jnp.clip(_INT_BITS - 1 - _HEADROOM_BITS - top, -120, 120)
-            ints = jnp.round(_scale(z, exponent)).astype(jnp.int32)
+            exponent = jnp.clip(bits - 1 - _HEADROOM_BITS - top, -120, 120)
+            ints = jnp.round(_scale(z, exponent)).astype(int_dtype)
             buffer = jnp.zeros((num_limbs, *z.shape), jnp.int32)
             value = _straight_through(_unscale(ints, exponent, z.dtype), z)
             return _ExactLeaf(ints, buffer, exponent, value, jnp.array(True))
@@ -220,13 +219,15 @@ class ExactState(AbstractPrecision):
         sign, n, d = _rational(1 - beta)
 
         def leaf(s: _ExactLeaf, f):
-            buffer, overflow_push = _push(s.buffer, s.ints % d, d)
+            _, _, bits = _fixed_point_format(s.value.dtype)
+            digit = (s.ints % d).astype(jnp.int32)
+            buffer, overflow_push = _push(s.buffer, digit, d)
             buffer, rem = _pop(buffer, n)
             injection, injection_ok = _injection(f, beta, s.exponent)
-            ints = sign * ((s.ints // d) * n + rem) + injection
+            ints = sign * ((s.ints // d) * n + rem.astype(s.ints.dtype)) + injection
             linear = (1 - beta) * s.value + beta * f.astype(s.value.dtype)
             value = _straight_through(_unscale(ints, s.exponent, s.value.dtype), linear)
-            in_range = jnp.all(jnp.abs(ints) < (1 << _INT_BITS))
+            in_range = jnp.all(jnp.abs(ints) < (1 << bits))
             ok = s.ok & ~overflow_push & injection_ok & in_range
             return _ExactLeaf(ints, buffer, s.exponent, value, ok)
 
@@ -237,9 +238,9 @@ class ExactState(AbstractPrecision):
 
         def leaf(s: _ExactLeaf, f):
             ints = sign * (s.ints - _injection(f, beta, s.exponent)[0])
-            buffer, overflow_push = _push(s.buffer, ints % n, n)
+            buffer, overflow_push = _push(s.buffer, (ints % n).astype(jnp.int32), n)
             buffer, rem = _pop(buffer, d)
-            ints = (ints // n) * d + rem
+            ints = (ints // n) * d + rem.astype(ints.dtype)
             value = _unscale(ints, s.exponent, s.value.dtype)
             return _ExactLeaf(ints, buffer, s.exponent, value, s.ok & ~overflow_push)
 
@@ -257,23 +258,36 @@ def _is_exact_leaf(x) -> bool:
     return isinstance(x, _ExactLeaf)
 
 
+def _fixed_point_format(dtype) -> tuple[jnp.dtype, jnp.dtype, int]:
+    """The integer dtype, the float dtype it is scaled in, and the magnitude bits.
+
+    Magnitudes stay below `2**bits`, so sums of two never overflow. float64 states
+    (under x64) get int64, and so a resolution finer than float64's own.
+    """
+    if jnp.dtype(dtype).itemsize == 8:
+        return jnp.dtype(jnp.int64), jnp.dtype(jnp.float64), 61
+    return jnp.dtype(jnp.int32), jnp.dtype(jnp.float32), 30
+
+
 def _scale(x, exponent):
-    return x.astype(jnp.float32) * jnp.exp2(exponent.astype(jnp.float32))
+    _, float_dtype, _ = _fixed_point_format(x.dtype)
+    return x.astype(float_dtype) * jnp.exp2(exponent.astype(float_dtype))
 
 
 def _unscale(ints, exponent, dtype):
-    return (ints.astype(jnp.float32) * jnp.exp2(-exponent.astype(jnp.float32))).astype(
-        dtype
-    )
+    float_dtype = jnp.float64 if ints.dtype == jnp.int64 else jnp.float32
+    scaled = ints.astype(float_dtype) * jnp.exp2(-exponent.astype(float_dtype))
+    return scaled.astype(dtype)
 
 
 def _injection(f, beta, exponent):
     """`round(β·f·2^e)`, the same integer whenever `f` has the same bits, and whether
     it fits."""
-    beta_f = (beta * jax.lax.stop_gradient(f)).astype(jnp.float32)
+    int_dtype, float_dtype, bits = _fixed_point_format(f.dtype)
+    beta_f = (beta * jax.lax.stop_gradient(f).astype(float_dtype)).astype(f.dtype)
     scaled = jnp.round(_scale(beta_f, exponent))
-    fits = jnp.all(jnp.abs(scaled) < (1 << _INT_BITS))
-    return scaled.astype(jnp.int32), fits
+    fits = jnp.all(jnp.abs(scaled) < 2.0**bits)
+    return scaled.astype(int_dtype), fits
 
 
 def _straight_through(exact, linear):

@@ -49,6 +49,8 @@ class ImplicitAdjoint(AbstractAdjoint):
     )
 
     def apply(self, fn, solver, z0, args, *, max_steps, throw):
+        # The fixed point does not depend on where the solve started.
+        z0 = jax.lax.stop_gradient(z0)
         return _implicit_solve(
             (fn, args), z0, solver, max_steps, self.linear_solver, throw
         )

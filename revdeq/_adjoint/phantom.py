@@ -1,3 +1,4 @@
+import equinox as eqx
 from .._iterate import Iteration, iterate
 from .._tree import tree_lerp, tree_stop_gradient
 from .base import AbstractAdjoint
@@ -39,7 +40,7 @@ class PhantomAdjoint(AbstractAdjoint):
     """
 
     steps: int = 1
-    damping: float = 1.0
+    damping: float = eqx.field(converter=float, default=1.0)
 
     def __check_init__(self):
         if self.steps < 1:

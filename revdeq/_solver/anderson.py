@@ -55,10 +55,10 @@ class Anderson(AbstractSolver):
     """
 
     history: int = 5
-    damping: float = 1.0
-    regularisation: float = 1e-8
-    rtol: float = 1e-4
-    atol: float = 1e-6
+    damping: float = eqx.field(converter=float, default=1.0)
+    regularisation: float = eqx.field(converter=float, default=1e-8)
+    rtol: float = eqx.field(converter=float, default=1e-4)
+    atol: float = eqx.field(converter=float, default=1e-6)
     norm: Callable[[PyTree], Scalar] = optx.rms_norm
 
     def __check_init__(self):

@@ -44,8 +44,8 @@ class Broyden(AbstractSolver):
     """
 
     history: int = 8
-    rtol: float = 1e-4
-    atol: float = 1e-6
+    rtol: float = eqx.field(converter=float, default=1e-4)
+    atol: float = eqx.field(converter=float, default=1e-6)
     norm: Callable[[PyTree], Scalar] = optx.rms_norm
 
     def __check_init__(self):

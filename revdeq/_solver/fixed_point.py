@@ -32,9 +32,9 @@ class FixedPointIteration(AbstractSolver):
         ```
     """
 
-    damping: float = 1.0
-    rtol: float = 1e-4
-    atol: float = 1e-6
+    damping: float = eqx.field(converter=float, default=1.0)
+    rtol: float = eqx.field(converter=float, default=1e-4)
+    atol: float = eqx.field(converter=float, default=1e-6)
     norm: Callable[[PyTree], Scalar] = optx.rms_norm
 
     def __check_init__(self):

@@ -61,9 +61,9 @@ class Reversible(AbstractSolver):
         ```
     """
 
-    beta: float = 0.8
-    rtol: float = 1e-4
-    atol: float = 1e-6
+    beta: float = eqx.field(converter=float, default=0.8)
+    rtol: float = eqx.field(converter=float, default=1e-4)
+    atol: float = eqx.field(converter=float, default=1e-6)
     norm: Callable[[PyTree], Scalar] = optx.rms_norm
     precision: AbstractPrecision = ExactState()
 

@@ -198,14 +198,24 @@ class TransformerCell(eqx.Module):
     dim: int = eqx.field(static=True)
     num_heads: int = eqx.field(static=True)
     mlp_ratio: int = eqx.field(static=True)
+    mlp_depth: int = eqx.field(static=True)
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, *, key: PRNGKeyArray):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: int,
+        *,
+        key: PRNGKeyArray,
+        mlp_depth: int = 1,
+    ):
         """**Arguments:**
 
         - `dim`: the model width, the size of each position's state.
         - `num_heads`: number of attention heads; must divide `dim`.
         - `mlp_ratio`: hidden width of the MLP as a multiple of `dim`.
         - `key`: a PRNG key for the initialisation.
+        - `mlp_depth`: number of hidden layers of the MLP (the paper uses 2).
         """
         if dim % num_heads != 0:
             raise ValueError(f"`num_heads`={num_heads} must divide `dim`={dim}.")
@@ -214,11 +224,12 @@ class TransformerCell(eqx.Module):
         self.attention = eqx.nn.MultiheadAttention(num_heads, dim, key=akey)
         self.norm2 = eqx.nn.LayerNorm(dim)
         self.mlp = eqx.nn.MLP(
-            dim, dim, mlp_ratio * dim, depth=1, activation=jax.nn.gelu, key=mkey
+            dim, dim, mlp_ratio * dim, mlp_depth, activation=jax.nn.gelu, key=mkey
         )
         self.dim = dim
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
+        self.mlp_depth = mlp_depth
 
     def __call__(
         self, z: Float[Array, "seq_len dim"], x: Float[Array, "seq_len dim"]

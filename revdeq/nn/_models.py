@@ -336,6 +336,7 @@ class DEQLanguageModel(eqx.Module):
         *,
         key: PRNGKeyArray,
         mlp_ratio: int = 4,
+        mlp_depth: int = 1,
         solver: AbstractSolver = Reversible(
             beta=0.5, rtol=0.0, atol=0.0, precision=FloatState()
         ),
@@ -352,6 +353,7 @@ class DEQLanguageModel(eqx.Module):
         - `num_heads`: attention heads; must divide `dim`.
         - `key`: a PRNG key for the initialisation.
         - `mlp_ratio`: the cell's MLP width as a multiple of `dim`.
+        - `mlp_depth`: the number of hidden layers of the cell's MLP.
         - `solver`: a position-wise solver with zero tolerances (see above).
         - `adjoint`, `max_steps`, `state_dtype`, `compute_dtype`: as in
             [`revdeq.nn.DEQ`][].
@@ -360,7 +362,9 @@ class DEQLanguageModel(eqx.Module):
         trunk_key, cell_key = jr.split(key)
         self.trunk = LanguageModelTrunk(vocab_size, seq_len, dim, key=trunk_key)
         self.deq = DEQ(
-            TransformerCell(dim, num_heads, mlp_ratio, key=cell_key),
+            TransformerCell(
+                dim, num_heads, mlp_ratio, key=cell_key, mlp_depth=mlp_depth
+            ),
             (seq_len, dim),
             solver=solver,
             adjoint=adjoint,
@@ -371,10 +375,12 @@ class DEQLanguageModel(eqx.Module):
 
     @classmethod
     def wikitext103(cls, *, key: PRNGKeyArray, **kwargs) -> "DEQLanguageModel":
-        """The paper-scale Wikitext-103 model: GPT-2 vocabulary padded to 50304,
-        sequences of 448 tokens, width 768, 12 heads, four reversible steps at
+        """The paper-scale Wikitext-103 model, as in the authors' training script:
+        GPT-2 vocabulary padded to 50304, sequences of 448 tokens, width 768, 12
+        heads, an MLP of two hidden layers of width 3072, four reversible steps at
         `beta = 0.5`. Keyword arguments override these."""
-        return cls(50304, 448, 768, 12, key=key, **kwargs)
+        config: dict[str, Any] = dict(mlp_ratio=4, mlp_depth=2, max_steps=4)
+        return cls(50304, 448, 768, 12, key=key, **(config | kwargs))
 
     def __call__(self, tokens: Int[Array, " seq_len"]) -> Float[Array, "seq_len vocab"]:
         """**Arguments:**

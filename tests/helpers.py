@@ -1,0 +1,95 @@
+"""Test problems and independent references for gradients."""
+
+import equinox as eqx
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+
+
+def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8):
+    return eqx.tree_equal(x, y, typematch=True, rtol=rtol, atol=atol) is True
+
+
+def relative_error(x, truth) -> float:
+    """‖x − truth‖ / ‖truth‖ over all leaves, computed in float64 numpy."""
+    xs = [np.asarray(a, np.float64).ravel() for a in jtu.tree_leaves(x)]
+    ts = [np.asarray(a, np.float64).ravel() for a in jtu.tree_leaves(truth)]
+    num = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(xs, ts)))
+    den = np.sqrt(sum(np.sum(b**2) for b in ts))
+    return float(num / max(den, 1e-300))
+
+
+def finite_difference_jvp(fn, primal, tangent, eps=1e-6):
+    """Central difference of `fn` at `primal` along `tangent` (use in float64)."""
+    plus = jtu.tree_map(lambda p, t: p + eps * t, primal, tangent)
+    minus = jtu.tree_map(lambda p, t: p - eps * t, primal, tangent)
+    return jtu.tree_map(lambda a, b: (a - b) / (2 * eps), fn(plus), fn(minus))
+
+
+class TanhCell(eqx.Module):
+    """`f(z, x) = tanh(W z + U x + b)`, contractive for `‖W‖ < 1`."""
+
+    weight: jax.Array
+    inject: jax.Array
+    bias: jax.Array
+
+    def __init__(self, dim, *, key, scale=0.9, dtype=jnp.float64):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.weight = (scale / jnp.sqrt(dim)) * jax.random.normal(
+            k1, (dim, dim), dtype
+        )
+        self.inject = jax.random.normal(k2, (dim, dim), dtype) / jnp.sqrt(dim)
+        self.bias = 0.1 * jax.random.normal(k3, (dim,), dtype)
+
+    def __call__(self, z, x):
+        return jnp.tanh(self.weight @ z + self.inject @ x + self.bias)
+
+
+class PytreeCell(eqx.Module):
+    """A cell on a `{"a": (n,), "b": (2, m)}` state whose leaves interact."""
+
+    wa: jax.Array
+    wb: jax.Array
+
+    def __init__(self, n, m, *, key, dtype=jnp.float64):
+        k1, k2 = jax.random.split(key)
+        size = n + 2 * m
+        self.wa = 0.7 * jax.random.normal(k1, (n, size), dtype) / jnp.sqrt(size)
+        self.wb = 0.7 * jax.random.normal(k2, (2 * m, size), dtype) / jnp.sqrt(size)
+
+    def __call__(self, z, x):
+        flat = jnp.concatenate([z["a"], z["b"].ravel()])
+        return {
+            "a": jnp.tanh(self.wa @ flat + x["a"]),
+            "b": jnp.sin(self.wb @ flat).reshape(z["b"].shape) + x["b"],
+        }
+
+
+def plain_reversible_loop(cell, z0, x, beta, steps):
+    """The reversible iteration as a plain Python loop: the autodiff truth."""
+    y, z = z0, z0
+    for _ in range(steps):
+        y = jtu.tree_map(lambda a, f: (1 - beta) * a + beta * f, y, cell(z, x))
+        z = jtu.tree_map(lambda a, f: (1 - beta) * a + beta * f, z, cell(y, x))
+    return z
+
+
+def plain_damped_loop(cell, z0, x, damping, steps):
+    z = z0
+    for _ in range(steps):
+        z = jtu.tree_map(lambda a, f: (1 - damping) * a + damping * f, z, cell(z, x))
+    return z
+
+
+def dense_implicit_gradient(cell, z_star, x, cotangent):
+    """IFT by a dense solve: `w = (I − Jᵀ)⁻¹ g`, then the VJP of `f` in `(cell, x)`."""
+    flat, unravel = jax.flatten_util.ravel_pytree(z_star)
+    jac = jax.jacfwd(lambda v: jax.flatten_util.ravel_pytree(cell(unravel(v), x))[0])(
+        flat
+    )
+    g, _ = jax.flatten_util.ravel_pytree(cotangent)
+    w = jnp.linalg.solve(jnp.eye(flat.size) - jac.T, g)
+    _, vjp = eqx.filter_vjp(lambda c, xx: c(z_star, xx), cell, x)
+    return vjp(unravel(w))

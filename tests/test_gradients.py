@@ -1,0 +1,227 @@
+"""Every adjoint's gradient against an independent truth."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import pytest
+import revdeq
+
+from .helpers import (
+    dense_implicit_gradient,
+    finite_difference_jvp,
+    plain_damped_loop,
+    plain_reversible_loop,
+    PytreeCell,
+    relative_error,
+    TanhCell,
+)
+
+
+def _loss_grads(adjoint, solver, cell, z0, x, max_steps):
+    def loss(cell, z0, x):
+        sol = revdeq.solve(
+            cell, z0, x, solver=solver, adjoint=adjoint, max_steps=max_steps
+        )
+        return sum(jnp.sum(jnp.sin(leaf)) for leaf in jtu.tree_leaves(sol.value))
+
+    return eqx.filter_grad(loss)(cell, z0, x), jax.grad(loss, argnums=(1, 2))(
+        cell, z0, x
+    )
+
+
+def _truth_grads(loop, cell, z0, x):
+    def loss(cell, z0, x):
+        out = loop(cell, z0, x)
+        return sum(jnp.sum(jnp.sin(leaf)) for leaf in jtu.tree_leaves(out))
+
+    return eqx.filter_grad(loss)(cell, z0, x), jax.grad(loss, argnums=(1, 2))(
+        cell, z0, x
+    )
+
+
+def _array_problem(key, dtype=jnp.float64):
+    k1, k2, k3 = jax.random.split(key, 3)
+    cell = TanhCell(6, key=k1, dtype=dtype)
+    z0 = 0.3 * jax.random.normal(k2, (6,), dtype)
+    x = jax.random.normal(k3, (6,), dtype)
+    return cell, z0, x
+
+
+def _pytree_problem(key, dtype=jnp.float64):
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    cell = PytreeCell(3, 2, key=k1, dtype=dtype)
+    z0 = {
+        "a": 0.2 * jax.random.normal(k2, (3,), dtype),
+        "b": 0.2 * jax.random.normal(k3, (2, 2), dtype),
+    }
+    x = {"a": jax.random.normal(k4, (3,), dtype), "b": jnp.full((2, 2), 0.1, dtype)}
+    return cell, z0, x
+
+
+@pytest.mark.parametrize("problem", [_array_problem, _pytree_problem])
+@pytest.mark.parametrize(
+    "solver, loop",
+    [
+        (
+            revdeq.Reversible(beta=0.7, rtol=0, atol=0,
+                              precision=revdeq.FloatState()),
+            lambda c, z, x: plain_reversible_loop(c, z, x, 0.7, 6),
+        ),
+        (
+            revdeq.FixedPointIteration(damping=0.6, rtol=0, atol=0),
+            lambda c, z, x: plain_damped_loop(c, z, x, 0.6, 6),
+        ),
+    ],
+)
+def test_unrolled_matches_plain_loop(x64, getkey, problem, solver, loop):
+    cell, z0, x = problem(getkey())
+    got = _loss_grads(revdeq.UnrolledAdjoint(), solver, cell, z0, x, 6)
+    truth = _truth_grads(loop, cell, z0, x)
+    assert relative_error(got, truth) <= 1e-10
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.8, 1.2])
+@pytest.mark.parametrize("steps", [1, 2, 5, 8])
+@pytest.mark.parametrize("problem", [_array_problem, _pytree_problem])
+def test_reversible_matches_plain_loop(x64, getkey, beta, steps, problem):
+    cell, z0, x = problem(getkey())
+    solver = revdeq.Reversible(beta=beta, rtol=0, atol=0)
+    got = jax.jit(
+        lambda c, z, x: _loss_grads(revdeq.ReversibleAdjoint(), solver, c, z, x, steps)
+    )(cell, z0, x)
+    truth = _truth_grads(
+        lambda c, z, x: plain_reversible_loop(c, z, x, beta, steps), cell, z0, x
+    )
+    # Gradients with respect to the cell's parameters, `z0` and `args`, each alone.
+    for got_part, truth_part in zip(jtu.tree_leaves(got), jtu.tree_leaves(truth)):
+        assert relative_error(got_part, truth_part) <= 1e-8
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.2])
+def test_reversible_under_vmap(x64, getkey, beta):
+    cell, _, _ = _array_problem(getkey())
+    z0s = 0.3 * jax.random.normal(getkey(), (4, 6))
+    xs = jax.random.normal(getkey(), (4, 6))
+    solver = revdeq.Reversible(beta=beta, rtol=0, atol=0)
+
+    def batch_loss(cell, z0s, xs, solve_one):
+        return jnp.sum(jnp.sin(jax.vmap(solve_one, in_axes=(None, 0, 0))(cell, z0s, xs)))
+
+    def ours(c, z, x):
+        return revdeq.solve(c, z, x, solver=solver, max_steps=5).value
+
+    def truth(c, z, x):
+        return plain_reversible_loop(c, z, x, beta, 5)
+
+    got = eqx.filter_jit(eqx.filter_grad(batch_loss))(cell, z0s, xs, ours)
+    want = eqx.filter_grad(batch_loss)(cell, z0s, xs, truth)
+    assert relative_error(got, want) <= 1e-8
+    got_x = jax.grad(batch_loss, argnums=(1, 2))(cell, z0s, xs, ours)
+    want_x = jax.grad(batch_loss, argnums=(1, 2))(cell, z0s, xs, truth)
+    assert relative_error(got_x, want_x) <= 1e-8
+
+
+def test_reversible_against_finite_differences(x64, getkey):
+    cell, z0, x = _array_problem(getkey())
+    solver = revdeq.Reversible(beta=0.8, rtol=0, atol=0)
+    direction = jax.random.normal(getkey(), x.shape)
+
+    def out(x):
+        return revdeq.solve(cell, z0, x, solver=solver, max_steps=4).value
+
+    _, jvp_vjp = jax.vjp(out, x)
+    cot = jax.random.normal(getkey(), z0.shape)
+    (grad_x,) = jvp_vjp(cot)
+    fd = finite_difference_jvp(out, x, direction)
+    assert abs(jnp.dot(grad_x, direction) - jnp.dot(cot, fd)) <= 1e-7 * jnp.abs(
+        jnp.dot(cot, fd)
+    )
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [
+        revdeq.FixedPointIteration(rtol=1e-13, atol=1e-13),
+        revdeq.Anderson(history=5, rtol=1e-13, atol=1e-13),
+        revdeq.Broyden(history=10, rtol=1e-13, atol=1e-13),
+    ],
+)
+def test_implicit_matches_dense_ift(x64, getkey, solver):
+    cell, z0, x = _array_problem(getkey())
+    cot = jax.random.normal(getkey(), z0.shape)
+    adjoint = revdeq.ImplicitAdjoint(
+        linear_solver=revdeq_gmres_tight()
+    )
+
+    def out(cell, x):
+        sol = revdeq.solve(cell, z0, x, solver=solver, adjoint=adjoint, max_steps=300)
+        return sol.value
+
+    z_star, vjp = eqx.filter_vjp(out, cell, x)
+    got = vjp(cot)
+    truth = dense_implicit_gradient(cell, z_star, x, cot)
+    assert relative_error(got, truth) <= 1e-6
+
+
+def revdeq_gmres_tight():
+    import lineax as lx
+
+    return lx.GMRES(rtol=1e-12, atol=1e-12, restart=20, max_steps=500)
+
+
+def test_implicit_gradient_wrt_z0_is_zero(getkey):
+    cell, z0, x = _array_problem(getkey(), jnp.float32)
+    grad = jax.grad(
+        lambda z0: jnp.sum(
+            revdeq.solve(cell, z0, x, solver=revdeq.Anderson(), max_steps=50).value
+        )
+    )(z0)
+    assert jnp.array_equal(grad, jnp.zeros_like(z0))
+
+
+def test_phantom_tends_to_implicit(x64, getkey):
+    cell, z0, x = _array_problem(getkey())
+    cot = jax.random.normal(getkey(), z0.shape)
+    solver = revdeq.FixedPointIteration(rtol=1e-13, atol=1e-13)
+
+    def grads(adjoint):
+        _, vjp = eqx.filter_vjp(
+            lambda c, xx: revdeq.solve(
+                c, z0, xx, solver=solver, adjoint=adjoint, max_steps=300
+            ).value,
+            cell,
+            x,
+        )
+        return vjp(cot)
+
+    implicit = grads(revdeq.ImplicitAdjoint(linear_solver=revdeq_gmres_tight()))
+    one = relative_error(grads(revdeq.PhantomAdjoint(steps=1)), implicit)
+    many = relative_error(grads(revdeq.PhantomAdjoint(steps=60, damping=0.8)), implicit)
+    assert many <= 1e-8
+    assert one > 1e-3  # a single step is a genuinely different (cheaper) gradient
+
+
+def test_reversible_backward_evaluates_f_twice_per_step(getkey):
+    cell, z0, x = _array_problem(getkey(), jnp.float32)
+    count = []
+
+    def counted(z, x):
+        jax.debug.callback(lambda: count.append(1))
+        return cell(z, x)
+
+    steps = 5
+    solver = revdeq.Reversible(rtol=0, atol=0)
+
+    def solve(x):
+        sol = revdeq.solve(counted, z0, x, solver=solver, max_steps=steps)
+        return sol.value, sol.stats["num_fn_evals"]
+
+    (value, evals), vjp = jax.vjp(solve, x, has_aux=False)
+    jax.block_until_ready(value)
+    forward = len(count)
+    jax.block_until_ready(vjp((jnp.ones_like(value), jnp.zeros_like(evals))))
+    # One evaluation at z₀ (two if z₀ is not exactly representable), two per step.
+    assert forward == evals
+    assert forward in (2 * steps + 1, 2 * steps + 2)
+    assert len(count) - forward == 2 * steps

@@ -1,0 +1,237 @@
+import equinox as eqx
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import revdeq
+import revdeq.nn as nn
+
+from .helpers import relative_error
+
+
+def _cells_and_inputs(key):
+    ckey, zkey, xkey = jr.split(key, 3)
+    cases = [
+        (nn.MLPCell(4, 8, key=ckey), (4,)),
+        (nn.ConvCell(4, 8, 2, key=ckey), (4, 5, 5)),
+        (nn.TransformerCell(8, 2, 2, key=ckey), (6, 8)),
+    ]
+    return [
+        (cell, jr.normal(zkey, (3, *shape)), jr.normal(xkey, (3, *shape)))
+        for cell, shape in cases
+    ]
+
+
+def test_cells_jit_vmap(getkey):
+    for cell, z, x in _cells_and_inputs(getkey()):
+        out = jax.jit(jax.vmap(cell))(z, x)
+        assert out.shape == z.shape and out.dtype == jnp.float32
+        assert jnp.all(jnp.isfinite(out))
+
+
+def test_bad_hyperparameters(getkey):
+    with pytest.raises(ValueError, match="num_heads"):
+        nn.TransformerCell(10, 3, 2, key=getkey())
+    with pytest.raises(ValueError, match="hidden_channels"):
+        nn.ConvCell(4, 6, 4, key=getkey())
+    with pytest.raises(ValueError, match="group_size"):
+        nn.ImplicitResNet((3, 8, 8), 10, channels=(12,), width_expansions=(1,),
+                          max_steps=(1,), group_size=8, key=getkey())
+    with pytest.raises(ValueError, match="channels"):
+        nn.ImplicitResNet((3, 8, 8), 10, channels=(8, 8), width_expansions=(1,),
+                          max_steps=(1, 1), key=getkey())
+    cell = nn.MLPCell(4, 8, key=getkey())
+    solver, adjoint = revdeq.FixedPointIteration(), revdeq.UnrolledAdjoint()
+    with pytest.raises(ValueError, match="z0"):
+        nn.DEQ(cell, (4,), solver=solver, adjoint=adjoint, max_steps=2, z0="ones")
+    deq = nn.DEQ(cell, (4,), solver=solver, adjoint=adjoint, max_steps=2)
+    with pytest.raises(ValueError, match="z0"):
+        deq(jnp.zeros(4), z0=jnp.zeros(5))
+    with pytest.raises(ValueError, match="tokens"):
+        nn.DEQLanguageModel(11, 6, 8, 2, key=getkey())(jnp.zeros(5, int))
+    for bad in (
+        revdeq.Anderson(rtol=0.0, atol=0.0),
+        revdeq.Reversible(beta=0.5, precision=revdeq.FloatState()),
+        revdeq.Reversible(beta=0.5, rtol=0.0, atol=0.0),
+    ):
+        with pytest.raises(ValueError, match="solver"):
+            nn.DEQLanguageModel(11, 6, 8, 2, key=getkey(), solver=bad)
+
+
+def test_transformer_cell_causal(getkey):
+    cell = nn.TransformerCell(8, 2, 2, key=getkey())
+    z, x = jr.normal(getkey(), (2, 7, 8))
+    j = 4
+    out = jax.jit(cell)(z, x)
+    changed = jax.jit(cell)(z.at[j].add(1.0), x.at[j].add(1.0))
+    assert jnp.array_equal(out[:j], changed[:j])
+    assert not jnp.any(jnp.all(out[j:] == changed[j:], axis=-1))
+
+
+@pytest.mark.parametrize("model_type", [nn.DEQLanguageModel, nn.ExplicitLanguageModel])
+def test_language_model_causal(model_type, getkey):
+    vocab, seq_len = 13, 7
+    model = model_type(vocab, seq_len, 8, 2, mlp_ratio=2, key=getkey())
+    tokens = jr.randint(getkey(), (seq_len,), 0, vocab)
+    logits = eqx.filter_jit(model)(tokens)
+    assert logits.shape == (seq_len, vocab) and logits.dtype == jnp.float32
+    for j in (1, 4, seq_len - 1):
+        changed = eqx.filter_jit(model)(tokens.at[j].set((tokens[j] + 1) % vocab))
+        assert jnp.array_equal(logits[:j], changed[:j])
+        assert not jnp.array_equal(logits[j], changed[j])
+
+
+def test_models_jit_vmap(getkey):
+    images = jr.normal(getkey(), (2, 3, 8, 8))
+    small = dict(channels=(4, 8), width_expansions=(1, 2), group_size=4)
+    for model in (
+        nn.ImplicitResNet((3, 8, 8), 5, max_steps=(2, 2), **small, key=getkey()),
+        nn.ExplicitResNet((3, 8, 8), 5, num_layers=(2, 3), **small, key=getkey()),
+    ):
+        logits = eqx.filter_jit(eqx.filter_vmap(model))(images)
+        assert logits.shape == (2, 5) and logits.dtype == jnp.float32
+    tokens = jr.randint(getkey(), (2, 6), 0, 11)
+    model = nn.DEQLanguageModel(11, 6, 8, 2, compute_dtype=jnp.bfloat16, key=getkey())
+    logits = eqx.filter_jit(eqx.filter_vmap(model))(tokens)
+    assert logits.shape == (2, 6, 11) and logits.dtype == jnp.float32
+
+
+def test_deq_mixed_precision_and_learned_z0(getkey):
+    cell = nn.MLPCell(4, 8, key=getkey())
+    xs = jr.normal(getkey(), (3, 4))
+    deq = nn.DEQ(
+        cell,
+        (4,),
+        solver=revdeq.Reversible(beta=0.8, rtol=0.0, atol=0.0),
+        adjoint=revdeq.ReversibleAdjoint(),
+        max_steps=3,
+        z0="learned",
+        compute_dtype=jnp.bfloat16,
+    )
+    z, stats = eqx.filter_jit(jax.vmap(deq))(xs)
+    assert z.shape == (3, 4) and z.dtype == jnp.float32
+    assert stats["num_steps"].shape == (3,)
+    reference = deq.cell(deq.cell(jnp.zeros(4), xs[0]), xs[0])
+    assert 0 < jnp.max(jnp.abs(z[0] - reference))  # the solve did iterate
+    assert jnp.allclose(z[0], jax.vmap(deq)(xs)[0][0])
+
+    def loss(deq):
+        return jnp.sum(jax.vmap(deq)(xs)[0] ** 2)
+
+    grads = eqx.filter_jit(eqx.filter_grad(loss))(deq)
+    assert grads.z0.dtype == jnp.float32 and jnp.any(grads.z0 != 0)
+    assert jnp.any(grads.cell.linear_z.weight != 0)
+
+
+def _tuple_fn(z, args):
+    a, b = z
+    return jnp.tanh(args @ a + 0.5 * b[:3]), jnp.sin(b) * jnp.cos(a).sum()
+
+
+@pytest.mark.parametrize("problem", ["mlp_cell", "pytree"])
+def test_hutchinson_matches_exact_frobenius(problem, getkey):
+    if problem == "mlp_cell":
+        fn = nn.MLPCell(5, 7, key=getkey())
+        z, args = jr.normal(getkey(), (2, 5))
+    else:
+        fn = _tuple_fn
+        z = (jr.normal(getkey(), (3,)), jr.normal(getkey(), (4,)))
+        args = jr.normal(getkey(), (3, 3))
+    flat_z, unravel = jax.flatten_util.ravel_pytree(z)
+
+    def flat_fn(flat):
+        return jax.flatten_util.ravel_pytree(fn(unravel(flat), args))[0]
+
+    exact = jnp.sum(jax.jacfwd(flat_fn)(flat_z) ** 2) / flat_z.size
+
+    def estimate(key):
+        return nn.jacobian_frobenius_penalty(fn, z, args, key=key)
+
+    samples = np.asarray(jax.jit(jax.vmap(estimate))(jr.split(getkey(), 4000)))
+    stderr = samples.std(ddof=1) / np.sqrt(samples.size)
+    assert stderr > 0
+    assert abs(samples.mean() - exact) < 3 * stderr
+    averaged = nn.jacobian_frobenius_penalty(fn, z, args, key=getkey(), num_samples=8)
+    assert averaged.shape == () and averaged > 0
+    with pytest.raises(ValueError, match="num_samples"):
+        nn.jacobian_frobenius_penalty(fn, z, args, key=getkey(), num_samples=0)
+
+
+def test_fixed_point_correction_loss():
+    iterates = [jnp.array([1.0, 1.0]), jnp.array([2.0, 0.0]), jnp.array([0.5, 0.5])]
+    loss = nn.fixed_point_correction_loss(jnp.sum, iterates, gamma=0.5)
+    assert jnp.allclose(loss, 0.25 * 2.0 + 0.5 * 2.0 + 1.0)
+    with pytest.raises(ValueError, match="gamma"):
+        nn.fixed_point_correction_loss(jnp.sum, iterates, gamma=1.5)
+
+
+def test_count_parameters(getkey):
+    mlp = eqx.nn.MLP(3, 2, 5, depth=1, key=getkey())
+    assert nn.count_parameters(mlp) == (3 * 5 + 5) + (5 * 2 + 2)
+    cell = nn.MLPCell(4, 8, key=getkey())
+    assert nn.count_parameters(cell) == (4 * 8 + 8) + 4 * 8 + (8 * 4 + 4)
+
+
+def test_apply_weight_norm(getkey):
+    for cell, z, x in _cells_and_inputs(getkey()):
+        normed = nn.apply_weight_norm(cell)
+        twice = nn.apply_weight_norm(normed)
+        assert eqx.tree_equal(normed, twice) is True
+
+        def is_norm(leaf):
+            return isinstance(leaf, eqx.nn.WeightNorm)
+
+        leaves = jax.tree_util.tree_leaves(normed, is_leaf=is_norm)
+        assert sum(map(is_norm, leaves)) == {nn.MLPCell: 3, nn.ConvCell: 2}.get(
+            type(cell), 6  # TransformerCell: q, k, v, o and two MLP layers
+        )
+        assert jnp.allclose(jax.vmap(cell)(z, x), jax.vmap(normed)(z, x), atol=1e-5)
+
+
+def _gradient_pair(make_model, data, loss):
+    grads = []
+    for adjoint in (revdeq.UnrolledAdjoint(), revdeq.ReversibleAdjoint()):
+        model = make_model(adjoint)
+        grads.append(eqx.filter_jit(eqx.filter_grad(loss))(model, data))
+    return grads
+
+
+def test_language_model_reversible_gradients_match_unrolled(getkey):
+    key = getkey()
+    tokens = jr.randint(getkey(), (2, 6), 0, 11)
+
+    def make_model(adjoint):
+        return nn.DEQLanguageModel(11, 6, 8, 2, mlp_ratio=2, adjoint=adjoint, key=key)
+
+    def loss(model, tokens):
+        logits = jax.vmap(model)(tokens)
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[..., 0])
+
+    unrolled, reversible = _gradient_pair(make_model, tokens, loss)
+    assert relative_error(reversible, unrolled) < 1e-4
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="The reversible backward pass of a ConvCell whose input depends on "
+    "parameters rebuilds a drifted z0 (relative gradient error ~5e-3 with "
+    "ExactState) and raises; see the report to the lead.",
+)
+def test_resnet_reversible_gradients_match_unrolled(getkey):
+    key = getkey()
+    images = jr.normal(getkey(), (2, 3, 8, 8))
+
+    def make_model(adjoint):
+        return nn.ImplicitResNet(
+            (3, 8, 8), 5, channels=(4, 8), width_expansions=(1, 1), max_steps=(2, 2),
+            group_size=4, adjoint=adjoint, key=key,
+        )
+
+    def loss(model, images):
+        return jnp.mean(jax.vmap(model)(images) ** 2)
+
+    unrolled, reversible = _gradient_pair(make_model, images, loss)
+    assert relative_error(reversible, unrolled) < 1e-4

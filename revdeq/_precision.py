@@ -68,7 +68,9 @@ class FloatState(AbstractPrecision):
     - `dtype`: the floating dtype of the state, or `None` for that of `z0`.
     """
 
-    dtype: jnp.dtype | None = eqx.field(static=True, default=None)
+    dtype: jnp.dtype | None = eqx.field(
+        static=True, default=None, converter=lambda d: None if d is None else jnp.dtype(d)
+    )
 
     def __check_init__(self):
         if self.dtype is not None:
@@ -120,7 +122,7 @@ class FloatState(AbstractPrecision):
 _LIMB_BITS = 16
 _LIMB_MASK = (1 << _LIMB_BITS) - 1
 # Bits of headroom above the initial bound on the state's magnitude.
-_HEADROOM_BITS = 4
+_HEADROOM_BITS = 6
 _MAX_DENOMINATOR = 1 << 14
 
 
@@ -170,8 +172,8 @@ class ExactState(AbstractPrecision):
     """Bit-exact reversal through a fixed-point state and an information buffer.
 
     Each leaf is stored as `Y · 2^(−e)` with `Y` an int32 (int64 for float64 states)
-    and one exponent `e` per leaf, chosen from `max(|z0|, |f(z0)|)` with 16×
-    headroom, so the resolution is about `2^-26` (`2^-57`) of the state's scale. Additions are then exact, and the
+    and one exponent `e`, chosen from `max(|z0|, |f(z0)|)` over all leaves with 64×
+    headroom, so the resolution is about `2^-24` (`2^-55`) of the state's scale. Additions are then exact, and the
     multiplication by `c = 1 − β ≈ ±n/d` (the best rational with `d ≤ 2^14`) is made
     invertible by the information-buffer scheme of Maclaurin et al.: the remainder
     of `Y mod d` is pushed into a per-element integer buffer, and `Y // d` gets back
@@ -202,11 +204,12 @@ class ExactState(AbstractPrecision):
         bound = max(1.0, abs(beta) / (1 - abs(1 - beta)))
         num_limbs = _num_limbs(beta, max_steps)
 
+        # One scale for all leaves: a leaf that starts at zero may grow like the rest.
+        magnitude = jnp.maximum(_max_abs(z0), bound * _max_abs(fz0))
+        top = jnp.ceil(jnp.log2(jnp.maximum(magnitude, 1e-30))).astype(jnp.int32)
+
         def leaf(z, f):
             int_dtype, float_dtype, bits = _fixed_point_format(z.dtype)
-            m = jnp.maximum(jnp.max(jnp.abs(z)), bound * jnp.max(jnp.abs(f)))
-            m = jnp.maximum(m.astype(float_dtype), jnp.finfo(float_dtype).tiny)
-            top = jnp.ceil(jnp.log2(m)).astype(jnp.int32)
             exponent = jnp.clip(bits - 1 - _HEADROOM_BITS - top, -120, 120)
             ints = jnp.round(_scale(z, exponent)).astype(int_dtype)
             buffer = jnp.zeros((num_limbs, *z.shape), jnp.int32)
@@ -252,6 +255,12 @@ class ExactState(AbstractPrecision):
     def in_range(self, state):
         oks = [s.ok for s in jtu.tree_leaves(state, is_leaf=_is_exact_leaf)]
         return jnp.all(jnp.stack(oks))
+
+
+def _max_abs(tree) -> Float[Array, ""]:
+    return jnp.max(
+        jnp.stack([jnp.max(jnp.abs(x)).astype(jnp.float32) for x in jtu.tree_leaves(tree)])
+    )
 
 
 def _is_exact_leaf(x) -> bool:

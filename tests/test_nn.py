@@ -38,15 +38,26 @@ def test_bad_hyperparameters(getkey):
     with pytest.raises(ValueError, match="hidden_channels"):
         nn.ConvCell(4, 6, 4, key=getkey())
     with pytest.raises(ValueError, match="group_size"):
-        nn.ImplicitResNet((3, 8, 8), 10, channels=(12,), width_expansions=(1,),
-                          max_steps=(1,), group_size=8, key=getkey())
+        nn.ImplicitResNet(
+            (3, 8, 8),
+            10,
+            channels=(12,),
+            width_expansions=(1,),
+            max_steps=(1,),
+            group_size=8,
+            key=getkey(),
+        )
     with pytest.raises(ValueError, match="channels"):
-        nn.ImplicitResNet((3, 8, 8), 10, channels=(8, 8), width_expansions=(1,),
-                          max_steps=(1, 1), key=getkey())
+        nn.ImplicitResNet(
+            (3, 8, 8),
+            10,
+            channels=(8, 8),
+            width_expansions=(1,),
+            max_steps=(1, 1),
+            key=getkey(),
+        )
     cell = nn.MLPCell(4, 8, key=getkey())
     solver, adjoint = revdeq.FixedPointIteration(), revdeq.UnrolledAdjoint()
-    with pytest.raises(ValueError, match="z0"):
-        nn.DEQ(cell, (4,), solver=solver, adjoint=adjoint, max_steps=2, z0="ones")
     deq = nn.DEQ(cell, (4,), solver=solver, adjoint=adjoint, max_steps=2)
     with pytest.raises(ValueError, match="z0"):
         deq(jnp.zeros(4), z0=jnp.zeros(5))
@@ -65,8 +76,8 @@ def test_transformer_cell_causal(getkey):
     cell = nn.TransformerCell(8, 2, 2, key=getkey())
     z, x = jr.normal(getkey(), (2, 7, 8))
     j = 4
-    out = jax.jit(cell)(z, x)
-    changed = jax.jit(cell)(z.at[j].add(1.0), x.at[j].add(1.0))
+    out = eqx.filter_jit(cell)(z, x)
+    changed = eqx.filter_jit(cell)(z.at[j].add(1.0), x.at[j].add(1.0))
     assert jnp.array_equal(out[:j], changed[:j])
     assert not jnp.any(jnp.all(out[j:] == changed[j:], axis=-1))
 
@@ -150,7 +161,7 @@ def test_hutchinson_matches_exact_frobenius(problem, getkey):
     def estimate(key):
         return nn.jacobian_frobenius_penalty(fn, z, args, key=key)
 
-    samples = np.asarray(jax.jit(jax.vmap(estimate))(jr.split(getkey(), 4000)))
+    samples = np.asarray(jax.jit(jax.vmap(estimate))(jr.split(getkey(), 2000)))
     stderr = samples.std(ddof=1) / np.sqrt(samples.size)
     assert stderr > 0
     assert abs(samples.mean() - exact) < 3 * stderr
@@ -179,14 +190,15 @@ def test_apply_weight_norm(getkey):
     for cell, z, x in _cells_and_inputs(getkey()):
         normed = nn.apply_weight_norm(cell)
         twice = nn.apply_weight_norm(normed)
-        assert eqx.tree_equal(normed, twice) is True
+        assert bool(eqx.tree_equal(normed, twice))
 
         def is_norm(leaf):
             return isinstance(leaf, eqx.nn.WeightNorm)
 
         leaves = jax.tree_util.tree_leaves(normed, is_leaf=is_norm)
         assert sum(map(is_norm, leaves)) == {nn.MLPCell: 3, nn.ConvCell: 2}.get(
-            type(cell), 6  # TransformerCell: q, k, v, o and two MLP layers
+            type(cell),
+            6,  # TransformerCell: q, k, v, o and two MLP layers
         )
         assert jnp.allclose(jax.vmap(cell)(z, x), jax.vmap(normed)(z, x), atol=1e-5)
 
@@ -222,12 +234,18 @@ def test_language_model_reversible_gradients_match_unrolled(getkey):
 )
 def test_resnet_reversible_gradients_match_unrolled(getkey):
     key = getkey()
-    images = jr.normal(getkey(), (2, 3, 8, 8))
+    images = jr.normal(getkey(), (2, 3, 6, 6))
 
     def make_model(adjoint):
         return nn.ImplicitResNet(
-            (3, 8, 8), 5, channels=(4, 8), width_expansions=(1, 1), max_steps=(2, 2),
-            group_size=4, adjoint=adjoint, key=key,
+            (3, 6, 6),
+            5,
+            channels=(4,),
+            width_expansions=(1,),
+            max_steps=(2,),
+            group_size=2,
+            adjoint=adjoint,
+            key=key,
         )
 
     def loss(model, images):

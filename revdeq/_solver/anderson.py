@@ -89,7 +89,7 @@ class Anderson(AbstractSolver):
         valid = jnp.arange(self.history) <= state.count
         alpha = _mixing_weights(residuals, valid, self.regularisation)
         new_flat = alpha @ (iterates + self.damping * residuals)
-        progress = self.progress(fy, y, state.progress.num_fn_evals + 1)
+        progress = self.progress(fy, y, state.progress, 1)
         new_state = _AndersonState(iterates, residuals, state.count + 1, progress)
         return unravel(new_flat.astype(flat_y.dtype)), new_state, aux
 

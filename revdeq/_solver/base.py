@@ -10,14 +10,16 @@ from jaxtyping import Array, Bool, Int, PyTree, Scalar
 from .._tree import relative_residual, tree_sub
 
 
-# A relative residual beyond this means the state ran away from the cell's output.
-_DIVERGENCE_THRESHOLD = 1e6
+# An error this many times the best one seen so far means the iteration diverged.
+_DIVERGENCE_FACTOR = 1e4
 
 
 class ConvergenceState(eqx.Module):
     """The part of every solver state that the driver reads."""
 
-    residual: Scalar
+    residual: Scalar  # ‖f(z) − z‖ / ‖f(z)‖ at the last evaluated iterate
+    error: Scalar  # norm(f(z) − z) at the last evaluated iterate
+    best_error: Scalar
     converged: Bool[Array, ""]
     num_fn_evals: Int[Array, ""]
     # False once the solver's state representation no longer holds the iterate.
@@ -25,11 +27,9 @@ class ConvergenceState(eqx.Module):
 
 
 def no_progress(dtype) -> ConvergenceState:
+    inf = jnp.array(jnp.inf, dtype)
     return ConvergenceState(
-        residual=jnp.array(jnp.inf, dtype),
-        converged=jnp.array(False),
-        num_fn_evals=jnp.array(0),
-        in_range=jnp.array(True),
+        inf, inf, inf, jnp.array(False), jnp.array(0), jnp.array(True)
     )
 
 
@@ -53,19 +53,25 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
     norm: eqx.AbstractVar[Callable[[PyTree], Scalar]]
 
     def progress(
-        self, fz, z, num_fn_evals, in_range=jnp.array(True)
+        self, fz, z, previous: ConvergenceState, new_evals, in_range=True
     ) -> ConvergenceState:
         """Convergence bookkeeping for the iterate `z` whose image `fz` is known."""
-        err = self.norm(tree_sub(fz, z))
-        converged = err < self.atol + self.rtol * self.norm(fz)
-        residual = relative_residual(fz, z)
-        return ConvergenceState(residual, converged, num_fn_evals, in_range)
+        error = self.norm(tree_sub(fz, z))
+        converged = error < self.atol + self.rtol * self.norm(fz)
+        return ConvergenceState(
+            relative_residual(fz, z),
+            error,
+            jnp.minimum(previous.best_error, error),
+            converged,
+            previous.num_fn_evals + new_evals,
+            jnp.asarray(in_range),
+        )
 
     def terminate(self, fn, y, args, options, state, tags):
         del fn, y, args, options, tags
         p = state.progress
-        finite = jnp.isfinite(p.residual)
-        diverged = (p.residual > _DIVERGENCE_THRESHOLD) | ~p.in_range
+        finite = jnp.isfinite(p.error) | (p.num_fn_evals == 0)
+        diverged = (p.error > _DIVERGENCE_FACTOR * p.best_error) | ~p.in_range
         result = optx.RESULTS.where(
             finite,
             optx.RESULTS.where(

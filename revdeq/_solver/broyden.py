@@ -6,7 +6,7 @@ import optimistix as optx
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
-from .base import AbstractSolver, check_tolerances, ConvergenceState
+from .base import AbstractSolver, check_tolerances, ConvergenceState, no_progress
 
 
 class _BroydenState(eqx.Module):
@@ -59,7 +59,7 @@ class Broyden(AbstractSolver):
         flat_y, _ = ravel_pytree(y)
         flat_f, _ = ravel_pytree(fy)
         empty = jnp.zeros((self.history, flat_y.size), flat_y.dtype)
-        progress = self.progress(fy, y, jnp.array(1))
+        progress = self.progress(fy, y, no_progress(flat_y.dtype), 1)
         return _BroydenState(flat_f - flat_y, empty, empty, jnp.array(0), progress)
 
     def step(self, fn, y, args, options, state, tags):
@@ -80,7 +80,7 @@ class Broyden(AbstractSolver):
         )
         u = jnp.where(ok, (dz - _apply_inverse(state.us, state.vs, dg)) / denom, 0)
         slot = state.count % self.history
-        progress = self.progress(fy, new_y, state.progress.num_fn_evals + 1)
+        progress = self.progress(fy, new_y, state.progress, 1)
         new_state = _BroydenState(
             new_g,
             state.us.at[slot].set(u),

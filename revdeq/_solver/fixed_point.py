@@ -49,7 +49,7 @@ class FixedPointIteration(AbstractSolver):
     def step(self, fn, y, args, options, state, tags):
         del options, tags
         fy, aux = fn(y, args)
-        evals = state.progress.num_fn_evals + 1
         new_y = tree_lerp(self.damping, y, fy)
-        return new_y, _FixedPointState(self.progress(fy, y, evals)), aux
+        progress = self.progress(fy, y, state.progress, 1)
+        return new_y, _FixedPointState(progress), aux
 

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import PyTree, Scalar
 
-from .._tree import tree_equal
+from .._tree import tree_dtype, tree_equal
 from .._precision import AbstractPrecision, ExactState
-from .base import AbstractSolver, check_tolerances, ConvergenceState
+from .base import AbstractSolver, check_tolerances, ConvergenceState, no_progress
 
 
 class _ReversibleState(eqx.Module):
@@ -85,8 +85,9 @@ class Reversible(AbstractSolver):
         # f must see the encoded z₀ so the backward pass re-evaluates the same point.
         exact = tree_equal(z0, y)
         fz0 = jax.lax.cond(exact, lambda: fz0, lambda: fn(z0, args)[0])
-        evals = jnp.where(exact, 1, 2)
-        progress = self.progress(fz0, z0, evals)
+        progress = self.progress(
+            fz0, z0, no_progress(tree_dtype(z0)), jnp.where(exact, 1, 2)
+        )
         return _ReversibleState(state, state, fz0, z0, progress)
 
     def step(self, fn, y, args, options, state, tags):
@@ -97,8 +98,7 @@ class Reversible(AbstractSolver):
         z = self.precision.decode(zs)
         fz, aux = fn(z, args)
         in_range = self.precision.in_range(ys) & self.precision.in_range(zs)
-        evals = state.progress.num_fn_evals + 2
-        progress = self.progress(fz, z, evals, in_range)
+        progress = self.progress(fz, z, state.progress, 2, in_range)
         return z, _ReversibleState(ys, zs, fz, state.start, progress), aux
 
 

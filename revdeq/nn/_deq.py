@@ -109,7 +109,10 @@ class DEQ(eqx.Module):
         """
         if z0 not in ("zeros", "learned"):
             raise ValueError(f'`z0` must be "zeros" or "learned", got {z0!r}.')
-        for name, dtype in (("state_dtype", state_dtype), ("compute_dtype", compute_dtype)):
+        for name, dtype in (
+            ("state_dtype", state_dtype),
+            ("compute_dtype", compute_dtype),
+        ):
             if dtype is None:
                 continue
             if not jnp.issubdtype(dtype, jnp.floating):
@@ -144,7 +147,11 @@ class DEQ(eqx.Module):
         `num_fn_evals`, `residual`).
         """
         if z0 is None:
-            z0 = jnp.zeros(self.state_shape, self.state_dtype) if self.z0 is None else self.z0
+            z0 = (
+                jnp.zeros(self.state_shape, self.state_dtype)
+                if self.z0 is None
+                else self.z0
+            )
         elif z0.shape != self.state_shape:
             raise ValueError(
                 f"`z0` must have the shape {self.state_shape}, got {z0.shape}."

@@ -25,6 +25,7 @@ from ._deq import DEQ
 # A stage maps the injected input to `(state, stats)`: a `DEQ` or an `ExplicitStack`.
 Stage = Callable[[Array], tuple[Array, Any]]
 
+
 def num_groups(channels: int, group_size: int) -> int:
     """Group-norm groups of `group_size` channels each."""
     if channels % group_size != 0:

@@ -1,0 +1,221 @@
+"""The public contract of `revdeq.solve`: results, statistics, errors, interop."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optimistix as optx
+import pytest
+import revdeq
+
+from .helpers import TanhCell
+
+
+SOLVERS = [
+    revdeq.Reversible(beta=0.8),
+    revdeq.Reversible(beta=0.5, precision=revdeq.FloatState()),
+    revdeq.FixedPointIteration(damping=0.9),
+    revdeq.Anderson(history=4),
+    revdeq.Broyden(history=6),
+]
+
+
+def _problem(key, dim=5):
+    k1, k2 = jax.random.split(key)
+    cell = TanhCell(dim, key=k1, scale=0.6, dtype=jnp.float32)
+    return cell, jnp.zeros(dim), jax.random.normal(k2, (dim,))
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: type(s).__name__)
+def test_converges_to_a_fixed_point(getkey, solver):
+    cell, z0, x = _problem(getkey())
+    sol = revdeq.solve(cell, z0, x, solver=solver, max_steps=100)
+    assert sol.result == revdeq.RESULTS.successful
+    assert jnp.max(jnp.abs(cell(sol.value, x) - sol.value)) < 1e-3
+    assert sol.stats["residual"] < 1e-3
+    assert 1 <= sol.stats["num_steps"] < 100
+    assert sol.stats["num_fn_evals"] >= sol.stats["num_steps"]
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: type(s).__name__)
+def test_zero_tolerance_runs_exactly_max_steps(getkey, solver):
+    cell, z0, x = _problem(getkey())
+    solver = eqx.tree_at(lambda s: (s.rtol, s.atol), solver, (0.0, 0.0))
+    sol = revdeq.solve(cell, z0, x, solver=solver, max_steps=7)
+    assert sol.stats["num_steps"] == 7
+    # Reaching the budget is reported, never raised.
+    assert sol.result == revdeq.RESULTS.max_steps_reached
+
+
+def test_fn_evals_per_solver(getkey):
+    cell, z0, x = _problem(getkey())
+    steps = 6
+
+    def evals(solver):
+        solver = eqx.tree_at(lambda s: (s.rtol, s.atol), solver, (0.0, 0.0))
+        sol = revdeq.solve(cell, z0, x, solver=solver, max_steps=steps)
+        return int(sol.stats["num_fn_evals"])
+
+    assert evals(revdeq.FixedPointIteration()) == steps
+    assert evals(revdeq.Anderson()) == steps  # no wasted evaluation
+    assert evals(revdeq.Broyden()) == steps + 1
+    assert evals(revdeq.Reversible()) == 2 * steps + 1
+
+
+def test_anderson_is_faster_than_plain_iteration(getkey):
+    cell, z0, x = _problem(getkey(), dim=20)
+    tight = dict(rtol=1e-6, atol=1e-7)
+    plain = revdeq.solve(cell, z0, x, solver=revdeq.FixedPointIteration(**tight),
+                         max_steps=200)
+    anderson = revdeq.solve(cell, z0, x, solver=revdeq.Anderson(**tight),
+                            max_steps=200)
+    assert anderson.stats["num_steps"] < plain.stats["num_steps"]
+
+
+def test_vmap_statistics_are_per_sample(getkey):
+    cell, z0, _ = _problem(getkey())
+    # Inputs of very different size need different numbers of steps.
+    xs = jnp.stack([jnp.zeros(5), 3.0 * jnp.ones(5)])
+    solve = jax.vmap(
+        lambda x: revdeq.solve(cell, z0, x, solver=revdeq.FixedPointIteration(),
+                               max_steps=100)
+    )
+    sol = solve(xs)
+    assert sol.stats["num_steps"].shape == (2,)
+    assert sol.stats["num_steps"][0] != sol.stats["num_steps"][1]
+    single = revdeq.solve(cell, z0, xs[1], solver=revdeq.FixedPointIteration(),
+                          max_steps=100)
+    assert sol.stats["num_steps"][1] == single.stats["num_steps"]
+    assert jnp.allclose(sol.value[1], single.value)
+
+
+def test_pytree_state_and_closure(getkey):
+    weight = 0.5 * jax.random.normal(getkey(), (3, 3)) / 3
+
+    def fn(z, args):  # closes over `weight`
+        return {"u": jnp.tanh(weight @ z["v"] + args), "v": 0.5 * z["u"]}
+
+    z0 = {"u": jnp.zeros(3), "v": jnp.zeros(3)}
+    sol = revdeq.solve(fn, z0, jnp.ones(3), max_steps=40)
+    assert sol.value["u"].shape == (3,)
+    grad = jax.grad(
+        lambda w: jnp.sum(
+            revdeq.solve(
+                lambda z, a: {"u": jnp.tanh(w @ z["v"] + a), "v": 0.5 * z["u"]},
+                z0, jnp.ones(3), max_steps=40,
+            ).value["u"]
+        )
+    )(weight)
+    assert jnp.all(jnp.isfinite(grad)) and jnp.any(grad != 0)
+
+
+def test_nonfinite_raises_or_reports():
+    def fn(z, x):
+        return z + jnp.nan * x
+
+    z0, x = jnp.zeros(2), jnp.ones(2)
+    sol = revdeq.solve(fn, z0, x, solver=revdeq.FixedPointIteration(), max_steps=5,
+                       throw=False)
+    assert sol.result == revdeq.RESULTS.nonfinite
+    with pytest.raises(Exception, match="[Nn]onfinite"):
+        revdeq.solve(fn, z0, x, solver=revdeq.FixedPointIteration(), max_steps=5)
+
+
+def test_divergence_is_reported():
+    sol = revdeq.solve(lambda z, x: 3.0 * z + x, jnp.zeros(2), jnp.ones(2),
+                       solver=revdeq.FixedPointIteration(), max_steps=60,
+                       throw=False)
+    assert sol.result == revdeq.RESULTS.nonlinear_divergence
+    # ~3^9 growth of the error from its best is enough to call it.
+    assert sol.stats["num_steps"] < 15
+
+
+def test_exact_state_out_of_range_is_reported():
+    # The state grows far beyond the bound set from z₀ and f(z₀).
+    sol = revdeq.solve(lambda z, x: 4.0 * z + x, jnp.zeros(2), jnp.ones(2),
+                       solver=revdeq.Reversible(rtol=0, atol=0), max_steps=20,
+                       throw=False)
+    assert sol.result in (revdeq.RESULTS.state_out_of_range,
+                          revdeq.RESULTS.nonlinear_divergence)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 2.0, -0.5, 2.5])
+def test_bad_beta(beta):
+    with pytest.raises(ValueError, match="`beta`"):
+        revdeq.Reversible(beta=beta)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: revdeq.Anderson(rtol=-1.0),
+        lambda: revdeq.Broyden(atol=-1e-3),
+        lambda: revdeq.FixedPointIteration(damping=0.0),
+        lambda: revdeq.Anderson(history=0),
+        lambda: revdeq.PhantomAdjoint(steps=0),
+        lambda: revdeq.PhantomAdjoint(damping=1.5),
+    ],
+)
+def test_bad_configuration(make):
+    with pytest.raises(ValueError, match="`(rtol|atol|damping|history|steps)`"):
+        make()
+
+
+def test_bad_max_steps():
+    with pytest.raises(ValueError, match="`max_steps`"):
+        revdeq.solve(lambda z, x: z, jnp.zeros(2), None, max_steps=0)
+
+
+@pytest.mark.parametrize(
+    "fn, match",
+    [
+        (lambda z, x: jnp.zeros(3), "shapes and dtypes"),
+        (lambda z, x: z.astype(jnp.float16), "shapes and dtypes"),
+        (lambda z, x: (z, z), "same structure"),
+    ],
+)
+def test_bad_fn_output(fn, match):
+    with pytest.raises(ValueError, match=match):
+        revdeq.solve(fn, jnp.zeros(2), None, max_steps=3)
+
+
+def test_integer_z0():
+    with pytest.raises(ValueError, match="`z0`"):
+        revdeq.solve(lambda z, x: z, jnp.zeros(2, jnp.int32), None, max_steps=3)
+
+
+def test_reversible_adjoint_needs_reversible_solver():
+    with pytest.raises(ValueError, match="ReversibleAdjoint"):
+        revdeq.solve(lambda z, x: 0.5 * z, jnp.zeros(2), None,
+                     solver=revdeq.Anderson(), adjoint=revdeq.ReversibleAdjoint(),
+                     max_steps=3)
+
+
+def test_float64_state_needs_x64():
+    with pytest.raises(ValueError, match="jax_enable_x64"):
+        revdeq.FloatState(jnp.float64)
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: type(s).__name__)
+def test_optimistix_interop(getkey, solver):
+    cell, z0, x = _problem(getkey())
+    ours = revdeq.solve(cell, z0, x, solver=solver, max_steps=100)
+    theirs = optx.fixed_point(cell, solver, z0, x, max_steps=100)
+    assert jnp.allclose(ours.value, theirs.value, atol=1e-5)
+    assert jnp.max(jnp.abs(cell(theirs.value, x) - theirs.value)) < 1e-3
+
+
+def test_throw_false_reports_reconstruction_drift(getkey):
+    # A float32 state cannot reverse 30 steps at beta = 0.9: the certificate says so.
+    cell, z0, x = _problem(getkey())
+    solver = revdeq.Reversible(beta=0.9, rtol=0, atol=0,
+                               precision=revdeq.FloatState())
+    drift = revdeq.reconstruction_error(cell, z0, x, solver=solver, max_steps=30)
+    assert drift > 1e-3
+
+    def loss(x):
+        return jnp.sum(revdeq.solve(cell, z0, x, solver=solver, max_steps=30).value)
+
+    with pytest.raises(Exception, match="drifted"):
+        jax.block_until_ready(jax.grad(loss)(x))
+    exact = revdeq.Reversible(beta=0.9, rtol=0, atol=0)
+    assert revdeq.reconstruction_error(cell, z0, x, solver=exact, max_steps=30) == 0

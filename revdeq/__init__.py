@@ -1,12 +1,13 @@
 """revdeq: Deep Equilibrium Models and Reversible DEQs in JAX/Equinox."""
 
-from . import internal as internal
+# Subpackages that build on the core above.
+from . import data as data, internal as internal, nn as nn, train as train  # noqa: E402, I001
 from ._adjoint.base import AbstractAdjoint as AbstractAdjoint
 from ._adjoint.implicit import ImplicitAdjoint as ImplicitAdjoint
 from ._adjoint.phantom import PhantomAdjoint as PhantomAdjoint
 from ._adjoint.reversible import (
-    reconstruction_error as reconstruction_error,
     ReversibleAdjoint as ReversibleAdjoint,
+    reconstruction_error as reconstruction_error,
 )
 from ._adjoint.unrolled import UnrolledAdjoint as UnrolledAdjoint
 from ._precision import (

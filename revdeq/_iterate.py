@@ -85,8 +85,6 @@ def iterate(
         final = jax.lax.while_loop(cond, body, init)
     num_steps, z, state, done, result = final
     progress = state.progress
-    result = RESULTS.where(
-        progress.in_range, result, RESULTS.state_out_of_range
-    )
+    result = RESULTS.where(progress.in_range, result, RESULTS.state_out_of_range)
     result = RESULTS.where(done, result, RESULTS.max_steps_reached)
     return Iteration(z, state, num_steps, result)

@@ -69,7 +69,9 @@ class FloatState(AbstractPrecision):
     """
 
     dtype: jnp.dtype | None = eqx.field(
-        static=True, default=None, converter=lambda d: None if d is None else jnp.dtype(d)
+        static=True,
+        default=None,
+        converter=lambda d: None if d is None else jnp.dtype(d),
     )
 
     def __check_init__(self):
@@ -87,8 +89,10 @@ class FloatState(AbstractPrecision):
         del fz0, beta, max_steps
         leaves, treedef = jtu.tree_flatten(z0)
         dtypes = tuple(leaf.dtype for leaf in leaves)
-        value = z0 if self.dtype is None else jtu.tree_map(
-            lambda x: x.astype(self.dtype), z0
+        value = (
+            z0
+            if self.dtype is None
+            else jtu.tree_map(lambda x: x.astype(self.dtype), z0)
         )
         return _FloatCarrier(value, dtypes)
 
@@ -259,7 +263,9 @@ class ExactState(AbstractPrecision):
 
 def _max_abs(tree) -> Float[Array, ""]:
     return jnp.max(
-        jnp.stack([jnp.max(jnp.abs(x)).astype(jnp.float32) for x in jtu.tree_leaves(tree)])
+        jnp.stack(
+            [jnp.max(jnp.abs(x)).astype(jnp.float32) for x in jtu.tree_leaves(tree)]
+        )
     )
 
 

@@ -56,15 +56,17 @@ def relative_residual(fz: PyTree[Array], z: PyTree[Array]) -> Scalar:
 
 
 def tree_isfinite(x: PyTree[Array]) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf))
-                              for leaf in jtu.tree_leaves(x)]))
+    return jnp.all(
+        jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jtu.tree_leaves(x)])
+    )
 
 
 def tree_equal(x: PyTree[Array], y: PyTree[Array]) -> jax.Array:
     """Whether every element of `x` equals that of `y`, as a traced boolean."""
     return jnp.all(
-        jnp.stack([jnp.all(a == b) for a, b in zip(jtu.tree_leaves(x),
-                                                    jtu.tree_leaves(y))])
+        jnp.stack(
+            [jnp.all(a == b) for a, b in zip(jtu.tree_leaves(x), jtu.tree_leaves(y))]
+        )
     )
 
 

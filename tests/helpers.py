@@ -37,9 +37,7 @@ class TanhCell(eqx.Module):
 
     def __init__(self, dim, *, key, scale=0.9, dtype=jnp.float64):
         k1, k2, k3 = jax.random.split(key, 3)
-        self.weight = (scale / jnp.sqrt(dim)) * jax.random.normal(
-            k1, (dim, dim), dtype
-        )
+        self.weight = (scale / jnp.sqrt(dim)) * jax.random.normal(k1, (dim, dim), dtype)
         self.inject = jax.random.normal(k2, (dim, dim), dtype) / jnp.sqrt(dim)
         self.bias = 0.1 * jax.random.normal(k3, (dim,), dtype)
 

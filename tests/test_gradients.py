@@ -5,16 +5,17 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import pytest
+
 import revdeq
 
 from .helpers import (
+    PytreeCell,
+    TanhCell,
     dense_implicit_gradient,
     finite_difference_jvp,
     plain_damped_loop,
     plain_reversible_loop,
-    PytreeCell,
     relative_error,
-    TanhCell,
 )
 
 
@@ -64,8 +65,7 @@ def _pytree_problem(key, dtype=jnp.float64):
     "solver, loop",
     [
         (
-            revdeq.Reversible(beta=0.7, rtol=0, atol=0,
-                              precision=revdeq.FloatState()),
+            revdeq.Reversible(beta=0.7, rtol=0, atol=0, precision=revdeq.FloatState()),
             lambda c, z, x: plain_reversible_loop(c, z, x, 0.7, 6),
         ),
         (
@@ -106,7 +106,9 @@ def test_reversible_under_vmap(x64, getkey, beta):
     solver = revdeq.Reversible(beta=beta, rtol=0, atol=0)
 
     def batch_loss(cell, z0s, xs, solve_one):
-        return jnp.sum(jnp.sin(jax.vmap(solve_one, in_axes=(None, 0, 0))(cell, z0s, xs)))
+        return jnp.sum(
+            jnp.sin(jax.vmap(solve_one, in_axes=(None, 0, 0))(cell, z0s, xs))
+        )
 
     def ours(c, z, x):
         return revdeq.solve(c, z, x, solver=solver, max_steps=5).value
@@ -150,9 +152,7 @@ def test_reversible_against_finite_differences(x64, getkey):
 def test_implicit_matches_dense_ift(x64, getkey, solver):
     cell, z0, x = _array_problem(getkey())
     cot = jax.random.normal(getkey(), z0.shape)
-    adjoint = revdeq.ImplicitAdjoint(
-        linear_solver=revdeq_gmres_tight()
-    )
+    adjoint = revdeq.ImplicitAdjoint(linear_solver=revdeq_gmres_tight())
 
     def out(cell, x):
         sol = revdeq.solve(cell, z0, x, solver=solver, adjoint=adjoint, max_steps=300)
@@ -187,9 +187,11 @@ def test_phantom_tends_to_implicit(x64, getkey):
 
     def grads(adjoint):
         _, vjp = eqx.filter_vjp(
-            lambda c, xx: revdeq.solve(
-                c, z0, xx, solver=solver, adjoint=adjoint, max_steps=300
-            ).value,
+            lambda c, xx: (
+                revdeq.solve(
+                    c, z0, xx, solver=solver, adjoint=adjoint, max_steps=300
+                ).value
+            ),
             cell,
             x,
         )

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import optimistix as optx
 import pytest
+
 import revdeq
 
 from .helpers import TanhCell
@@ -64,10 +65,10 @@ def test_fn_evals_per_solver(getkey):
 def test_anderson_is_faster_than_plain_iteration(getkey):
     cell, z0, x = _problem(getkey(), dim=20)
     tight = dict(rtol=1e-6, atol=1e-7)
-    plain = revdeq.solve(cell, z0, x, solver=revdeq.FixedPointIteration(**tight),
-                         max_steps=200)
-    anderson = revdeq.solve(cell, z0, x, solver=revdeq.Anderson(**tight),
-                            max_steps=200)
+    plain = revdeq.solve(
+        cell, z0, x, solver=revdeq.FixedPointIteration(**tight), max_steps=200
+    )
+    anderson = revdeq.solve(cell, z0, x, solver=revdeq.Anderson(**tight), max_steps=200)
     assert anderson.stats["num_steps"] < plain.stats["num_steps"]
 
 
@@ -76,14 +77,16 @@ def test_vmap_statistics_are_per_sample(getkey):
     # Inputs of very different size need different numbers of steps.
     xs = jnp.stack([jnp.zeros(5), 3.0 * jnp.ones(5)])
     solve = jax.vmap(
-        lambda x: revdeq.solve(cell, z0, x, solver=revdeq.FixedPointIteration(),
-                               max_steps=100)
+        lambda x: revdeq.solve(
+            cell, z0, x, solver=revdeq.FixedPointIteration(), max_steps=100
+        )
     )
     sol = solve(xs)
     assert sol.stats["num_steps"].shape == (2,)
     assert sol.stats["num_steps"][0] != sol.stats["num_steps"][1]
-    single = revdeq.solve(cell, z0, xs[1], solver=revdeq.FixedPointIteration(),
-                          max_steps=100)
+    single = revdeq.solve(
+        cell, z0, xs[1], solver=revdeq.FixedPointIteration(), max_steps=100
+    )
     assert sol.stats["num_steps"][1] == single.stats["num_steps"]
     assert jnp.allclose(sol.value[1], single.value)
 
@@ -101,7 +104,9 @@ def test_pytree_state_and_closure(getkey):
         lambda w: jnp.sum(
             revdeq.solve(
                 lambda z, a: {"u": jnp.tanh(w @ z["v"] + a), "v": 0.5 * z["u"]},
-                z0, jnp.ones(3), max_steps=40,
+                z0,
+                jnp.ones(3),
+                max_steps=40,
             ).value["u"]
         )
     )(weight)
@@ -113,17 +118,23 @@ def test_nonfinite_raises_or_reports():
         return z + jnp.nan * x
 
     z0, x = jnp.zeros(2), jnp.ones(2)
-    sol = revdeq.solve(fn, z0, x, solver=revdeq.FixedPointIteration(), max_steps=5,
-                       throw=False)
+    sol = revdeq.solve(
+        fn, z0, x, solver=revdeq.FixedPointIteration(), max_steps=5, throw=False
+    )
     assert sol.result == revdeq.RESULTS.nonfinite
     with pytest.raises(Exception, match="[Nn]onfinite"):
         revdeq.solve(fn, z0, x, solver=revdeq.FixedPointIteration(), max_steps=5)
 
 
 def test_divergence_is_reported():
-    sol = revdeq.solve(lambda z, x: 3.0 * z + x, jnp.zeros(2), jnp.ones(2),
-                       solver=revdeq.FixedPointIteration(), max_steps=60,
-                       throw=False)
+    sol = revdeq.solve(
+        lambda z, x: 3.0 * z + x,
+        jnp.zeros(2),
+        jnp.ones(2),
+        solver=revdeq.FixedPointIteration(),
+        max_steps=60,
+        throw=False,
+    )
     assert sol.result == revdeq.RESULTS.nonlinear_divergence
     # ~3^9 growth of the error from its best is enough to call it.
     assert sol.stats["num_steps"] < 15
@@ -131,11 +142,18 @@ def test_divergence_is_reported():
 
 def test_exact_state_out_of_range_is_reported():
     # The state grows far beyond the bound set from z₀ and f(z₀).
-    sol = revdeq.solve(lambda z, x: 4.0 * z + x, jnp.zeros(2), jnp.ones(2),
-                       solver=revdeq.Reversible(rtol=0, atol=0), max_steps=20,
-                       throw=False)
-    assert sol.result in (revdeq.RESULTS.state_out_of_range,
-                          revdeq.RESULTS.nonlinear_divergence)
+    sol = revdeq.solve(
+        lambda z, x: 4.0 * z + x,
+        jnp.zeros(2),
+        jnp.ones(2),
+        solver=revdeq.Reversible(rtol=0, atol=0),
+        max_steps=20,
+        throw=False,
+    )
+    assert sol.result in (
+        revdeq.RESULTS.state_out_of_range,
+        revdeq.RESULTS.nonlinear_divergence,
+    )
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0, 2.0, -0.5, 2.5])
@@ -185,9 +203,14 @@ def test_integer_z0():
 
 def test_reversible_adjoint_needs_reversible_solver():
     with pytest.raises(ValueError, match="ReversibleAdjoint"):
-        revdeq.solve(lambda z, x: 0.5 * z, jnp.zeros(2), None,
-                     solver=revdeq.Anderson(), adjoint=revdeq.ReversibleAdjoint(),
-                     max_steps=3)
+        revdeq.solve(
+            lambda z, x: 0.5 * z,
+            jnp.zeros(2),
+            None,
+            solver=revdeq.Anderson(),
+            adjoint=revdeq.ReversibleAdjoint(),
+            max_steps=3,
+        )
 
 
 def test_float64_state_needs_x64():
@@ -207,8 +230,7 @@ def test_optimistix_interop(getkey, solver):
 def test_throw_false_reports_reconstruction_drift(getkey):
     # A float32 state cannot reverse 30 steps at beta = 0.9: the certificate says so.
     cell, z0, x = _problem(getkey())
-    solver = revdeq.Reversible(beta=0.9, rtol=0, atol=0,
-                               precision=revdeq.FloatState())
+    solver = revdeq.Reversible(beta=0.9, rtol=0, atol=0, precision=revdeq.FloatState())
     drift = revdeq.reconstruction_error(cell, z0, x, solver=solver, max_steps=30)
     assert drift > 1e-3
 

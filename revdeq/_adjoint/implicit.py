@@ -63,7 +63,9 @@ def _implicit_solve(fn_args, z0, solver, max_steps, linear_solver, throw):
 
 
 @_implicit_solve.def_fwd
-def _implicit_solve_fwd(perturbed, fn_args, z0, solver, max_steps, linear_solver, throw):
+def _implicit_solve_fwd(
+    perturbed, fn_args, z0, solver, max_steps, linear_solver, throw
+):
     del perturbed
     out = _implicit_solve.fn(fn_args, z0, solver, max_steps, linear_solver, throw)
     return out, out.value
@@ -97,4 +99,3 @@ def _zeros_for_none(cotangent, like):
         like,
         is_leaf=lambda c: c is None,
     )
-

@@ -1,4 +1,5 @@
 import equinox as eqx
+
 from .._iterate import Iteration, iterate
 from .._tree import tree_lerp, tree_stop_gradient
 from .base import AbstractAdjoint

@@ -8,7 +8,7 @@ from jaxtyping import Array, Float
 
 from .._iterate import Iteration, iterate
 from .._solver.reversible import Reversible
-from .._tree import tree_axpy, tree_rms, tree_scale, tree_sub
+from .._tree import tree_rms, tree_scale, tree_sub
 from .base import AbstractAdjoint, report_failure
 
 
@@ -108,8 +108,9 @@ def reverse_pass(fn, args, solver: Reversible, final_state, num_steps, cotangent
 
 def drift(rebuilt_y, rebuilt_z, start, output) -> Float[Array, ""]:
     """The relative reconstruction error `rms(rebuilt − start) / rms(output)`."""
-    err = jnp.maximum(tree_rms(tree_sub(rebuilt_y, start)),
-                      tree_rms(tree_sub(rebuilt_z, start)))
+    err = jnp.maximum(
+        tree_rms(tree_sub(rebuilt_y, start)), tree_rms(tree_sub(rebuilt_z, start))
+    )
     scale = tree_rms(output)
     return err / jnp.maximum(scale, jnp.finfo(scale.dtype).tiny)
 
@@ -175,6 +176,7 @@ def reconstruction_error(fn, z0, args, *, solver: Reversible, max_steps: int):
     fn = eqx.filter_closure_convert(fn, z0, args)
     out = iterate(fn, solver, z0, args, max_steps=max_steps)
     zero = jtu.tree_map(jnp.zeros_like, out.value)
-    y0, z0_rebuilt, _, _ = reverse_pass(fn, args, solver, out.state, out.num_steps,
-                                        zero)
+    y0, z0_rebuilt, _, _ = reverse_pass(
+        fn, args, solver, out.state, out.num_steps, zero
+    )
     return drift(y0, z0_rebuilt, out.state.start, out.value)

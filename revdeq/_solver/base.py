@@ -90,4 +90,3 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
 
     @abc.abstractmethod
     def step(self, fn, y, args, options, state, tags) -> tuple[Any, Any, Any]: ...
-

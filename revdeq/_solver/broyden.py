@@ -6,7 +6,7 @@ import optimistix as optx
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
-from .base import AbstractSolver, check_tolerances, ConvergenceState, no_progress
+from .base import AbstractSolver, ConvergenceState, check_tolerances, no_progress
 
 
 class _BroydenState(eqx.Module):

@@ -5,7 +5,7 @@ import optimistix as optx
 from jaxtyping import PyTree, Scalar
 
 from .._tree import tree_dtype, tree_lerp
-from .base import AbstractSolver, check_tolerances, ConvergenceState, no_progress
+from .base import AbstractSolver, ConvergenceState, check_tolerances, no_progress
 
 
 class _FixedPointState(eqx.Module):
@@ -52,4 +52,3 @@ class FixedPointIteration(AbstractSolver):
         new_y = tree_lerp(self.damping, y, fy)
         progress = self.progress(fy, y, state.progress, 1)
         return new_y, _FixedPointState(progress), aux
-

@@ -1,13 +1,14 @@
 from collections.abc import Callable
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import PyTree, Scalar
 
-from .._tree import tree_dtype, tree_equal
 from .._precision import AbstractPrecision, ExactState
-from .base import AbstractSolver, check_tolerances, ConvergenceState, no_progress
+from .._tree import tree_dtype, tree_equal
+from .base import AbstractSolver, ConvergenceState, check_tolerances, no_progress
 
 
 class _ReversibleState(eqx.Module):
@@ -100,5 +101,3 @@ class Reversible(AbstractSolver):
         in_range = self.precision.in_range(ys) & self.precision.in_range(zs)
         progress = self.progress(fz, z, state.progress, 2, in_range)
         return z, _ReversibleState(ys, zs, fz, state.start, progress), aux
-
-

@@ -12,10 +12,10 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from ._cells import ConvCell, TransformerCell
 from ._models import (
-    check_stage_lengths,
     LanguageModelTrunk,
-    num_groups,
     ResNetTrunk,
+    check_stage_lengths,
+    num_groups,
 )
 
 

@@ -1,0 +1,101 @@
+"""Shared pieces of the benchmarks: cells, the store-everything baseline, and the
+two measurements (compiled temporary memory, and interleaved median timings)."""
+
+import statistics
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+import revdeq
+
+
+class TanhCell(eqx.Module):
+    """`f(z, x) = tanh(z W + x U + b)` with `W` scaled to `0.9 / sqrt(d)`."""
+
+    weight: jax.Array
+    inject: jax.Array
+    bias: jax.Array
+
+    def __init__(self, dim, *, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.weight = 0.9 / dim**0.5 * jax.random.normal(k1, (dim, dim))
+        self.inject = jax.random.normal(k2, (dim, dim)) / dim**0.5
+        self.bias = 0.1 * jax.random.normal(k3, (dim,))
+
+    def __call__(self, z, x):
+        return jnp.tanh(z @ self.weight + x @ self.inject + self.bias)
+
+
+class ConvCell(eqx.Module):
+    """A small implicit residual conv layer on one `(C, H, W)` image."""
+
+    conv1: eqx.nn.Conv2d
+    conv2: eqx.nn.Conv2d
+    norm: eqx.nn.GroupNorm
+
+    def __init__(self, channels, *, key):
+        k1, k2 = jax.random.split(key)
+        self.conv1 = eqx.nn.Conv2d(channels, channels, 3, padding=1, key=k1)
+        self.conv2 = eqx.nn.Conv2d(channels, channels, 3, padding=1, key=k2)
+        self.norm = eqx.nn.GroupNorm(4, channels)
+
+    def __call__(self, z, x):
+        return self.norm(jax.nn.relu(z + self.conv2(jax.nn.relu(self.conv1(z))) + x))
+
+
+def store_all_loss(cell, z0, x, beta, steps):
+    """Backprop through a `lax.scan` of the reversible iteration: every step's
+    residuals are stored. The yardstick for memory and time."""
+
+    def step(carry, _):
+        y, z = carry
+        y = (1 - beta) * y + beta * cell(z, x)
+        z = (1 - beta) * z + beta * cell(y, x)
+        return (y, z), None
+
+    (_, z), _ = jax.lax.scan(step, (z0, z0), None, length=steps)
+    return z
+
+
+def solve_value(cell, z0, x, *, solver, adjoint, steps):
+    return revdeq.solve(
+        cell, z0, x, solver=solver, adjoint=adjoint, max_steps=steps
+    ).value
+
+
+def batched_value_and_grad(single):
+    """`value_and_grad` of a scalar loss of `single(cell, z0, x)` vmapped over a
+    batch: how users call a DEQ layer."""
+
+    def loss(cell, z0s, xs):
+        out = jax.vmap(single, in_axes=(None, 0, 0))(cell, z0s, xs)
+        return jnp.mean(out**2)
+
+    return jax.jit(jax.value_and_grad(loss))
+
+
+def temp_memory(fn, *args) -> int:
+    """Compiled temporary memory in bytes: deterministic, and read without running."""
+    return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def interleaved_medians(fns: dict, *args, repeats=7) -> dict:
+    """Median wall time of each function, run in turns so that load on the machine
+    affects all alike. Each is compiled and warmed up first."""
+    for fn in fns.values():
+        jax.block_until_ready(fn(*args))
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -177,11 +177,12 @@ class ExactState(AbstractPrecision):
 
     Each leaf is stored as `Y · 2^(−e)` with `Y` an int32 (int64 for float64 states)
     and one exponent `e`, chosen from `max(|z0|, |f(z0)|)` over all leaves with 64×
-    headroom, so the resolution is about `2^-24` (`2^-55`) of the state's scale. Additions are then exact, and the
-    multiplication by `c = 1 − β ≈ ±n/d` (the best rational with `d ≤ 2^14`) is made
-    invertible by the information-buffer scheme of Maclaurin et al.: the remainder
-    of `Y mod d` is pushed into a per-element integer buffer, and `Y // d` gets back
-    `log2(n)` of those bits. The buffer grows by `log2(d/n) = log2(1/|c|)` bits per
+    headroom, so the resolution is about `2^-24` (`2^-55`) of the state's scale.
+    Additions are then exact, and the multiplication by `c = 1 − β ≈ ±n/d` (the
+    best rational with `d ≤ 2^14`) is made invertible by the information-buffer
+    scheme of Maclaurin et al.: `Y mod d` is pushed into a per-element integer
+    buffer, and `Y // d` takes `log2(n)` bits back out of it. The buffer grows by
+    `log2(d/n) = log2(1/|c|)` bits per
     step: the information limit. `f` still sees floats of the dtype of `z0`, and
     its output enters the state as `round(β·f·2^e)`, a deterministic function of
     `f`'s bits.

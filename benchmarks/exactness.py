@@ -70,7 +70,7 @@ def _ours(cell, z0s, xs, beta, steps, precision, x64):
             args = (cell, z0s.astype(jnp.float64), xs)
         fn = batched_value_and_grad(single)
         _, grads = fn(*args)
-        return grads[0], fn, args
+        return grads, fn, args
 
 
 def main():
@@ -86,7 +86,7 @@ def main():
     rows = []
     for beta in BETAS:
         for steps in STEPS:
-            truth = _truth(cell, z0s, xs, beta, steps)[0]
+            truth = _truth(cell, z0s, xs, beta, steps)
             base = batched_value_and_grad(
                 functools.partial(store_all_loss, beta=beta, steps=steps)
             )

@@ -14,7 +14,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) experiments/quickstart.py
+	$(PY) experiments/demo.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/adjoints.py

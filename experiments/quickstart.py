@@ -10,6 +10,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 import revdeq
 
 
@@ -36,15 +37,23 @@ def main(dim=64, batch=32, steps=12):
         "UnrolledAdjoint (reference)": (reversible, revdeq.UnrolledAdjoint()),
         "ReversibleAdjoint": (reversible, revdeq.ReversibleAdjoint()),
         "ImplicitAdjoint (Anderson)": (anderson, revdeq.ImplicitAdjoint()),
-        "PhantomAdjoint (Anderson)": (anderson, revdeq.PhantomAdjoint(steps=5,
-                                                                      damping=0.5)),
+        "PhantomAdjoint (Anderson)": (
+            anderson,
+            revdeq.PhantomAdjoint(steps=5, damping=0.5),
+        ),
     }
 
     def make(solver, adjoint):
         def loss(cell, xs):
             def one(x):
-                sol = revdeq.solve(cell, jnp.zeros(dim), x, solver=solver,
-                                   adjoint=adjoint, max_steps=steps)
+                sol = revdeq.solve(
+                    cell,
+                    jnp.zeros(dim),
+                    x,
+                    solver=solver,
+                    adjoint=adjoint,
+                    max_steps=steps,
+                )
                 return jnp.sum(sol.value**2), sol.stats["num_fn_evals"]
 
             losses, evals = jax.vmap(one)(xs)
@@ -54,8 +63,10 @@ def main(dim=64, batch=32, steps=12):
 
     reference = None
     print(f"tanh cell, d={dim}, batch={batch}, {steps} solver steps\n")
-    print(f"{'adjoint':30s} {'grad error vs unrolled':>24s} {'f evals':>8s} "
-          f"{'memory (KiB)':>13s}")
+    print(
+        f"{'adjoint':30s} {'grad error vs unrolled':>24s} {'f evals':>8s} "
+        f"{'memory (KiB)':>13s}"
+    )
     for name, (solver, adjoint) in runs.items():
         fn = make(solver, adjoint)
         (_, evals), grads = fn(cell, xs)
@@ -65,8 +76,9 @@ def main(dim=64, batch=32, steps=12):
         error = np.linalg.norm(flat - reference) / np.linalg.norm(reference)
         memory = fn.lower(cell, xs).compile().memory_analysis().temp_size_in_bytes
         print(f"{name:30s} {error:24.2e} {int(evals):8d} {memory / 1024:13.0f}")
-    drift = revdeq.reconstruction_error(cell, jnp.zeros(dim), xs[0],
-                                        solver=reversible, max_steps=steps)
+    drift = revdeq.reconstruction_error(
+        cell, jnp.zeros(dim), xs[0], solver=reversible, max_steps=steps
+    )
     print(f"\nReversible reconstruction drift (ExactState): {float(drift):.1e}")
 
 

@@ -62,48 +62,147 @@ class ReversibleAdjoint(AbstractAdjoint):
         return _reversible_solve((fn, z0, args), solver, max_steps, tolerance, throw)
 
 
-def reverse_pass(fn, args, solver: Reversible, final_state, num_steps, cotangent):
+def reverse_pass(fn, args, solver: Reversible, final_state, num_steps, cotangent, z0):
     """Walk `num_steps` reversible steps back from `final_state`, accumulating the
     cotangents of `(fn, args)` and of the state.
 
+    Each reverse step takes two VJPs of `fn`, whose primal outputs rebuild the
+    previous state. The last one is taken at the true `z0`, the point the forward
+    pass evaluated. Under `vmap` the loop runs batched, with the cotangents of
+    unbatched parameters summed over the batch inside each step rather than kept per
+    sample.
+
     Returns the rebuilt initial values `(y₀, z₀)`, the cotangent of `z₀` and that of
-    `(fn, args)`.
+    the floating-point arrays of `(fn, args)`.
     """
+    dynamic, static = eqx.partition(
+        (fn, args, final_state, num_steps, cotangent, z0), eqx.is_array
+    )
+
+    @jax.custom_batching.custom_vmap
+    def run(dynamic):
+        return _reverse_loop(solver, static, dynamic, axis_size=None, batched=None)
+
+    @run.def_vmap
+    def _(axis_size, in_batched, dynamic):
+        (batched,) = in_batched
+        out = _reverse_loop(solver, static, dynamic, axis_size, batched)
+        y0, z0, z0_grad, grads = out
+        every = jtu.tree_map(lambda _: True, (y0, z0, z0_grad))
+        return out, (*every, _axes(grads, batched[:2], True, False))
+
+    return run(dynamic)
+
+
+def _axes(tree, batched, yes, no):
+    """`yes` at the leaves of `tree` whose input was batched, `no` elsewhere, and
+    `None` where `tree` has no leaf."""
+    return jtu.tree_map(
+        lambda x, b: None if x is None else (yes if b else no),
+        tree,
+        batched,
+        is_leaf=lambda x: x is None,
+    )
+
+
+def _reverse_loop(solver: Reversible, static, dynamic, axis_size, batched):
+    """The reverse loop, on one example (`axis_size=None`) or on a batch whose
+    batched leaves are flagged in `batched`."""
     precision = solver.precision
     beta = solver.beta
     c = 1 - beta
-    fn_args = (fn, args)
-    grads = jtu.tree_map(jnp.zeros_like, eqx.filter(fn_args, eqx.is_inexact_array))
+    fn_args, state_etc = dynamic[:2], dynamic[2:]
+    if axis_size is None:
+        lift = _identity
+        select = _select_unbatched
+    else:
+        # The state, step counts, cotangent and z₀ all become batched.
+        state_etc = jtu.tree_map(
+            lambda x, b: x if b else jnp.broadcast_to(x, (axis_size, *x.shape)),
+            state_etc,
+            batched[2:],
+        )
+        lift = jax.vmap
+        select = _select_batched
+    final_state, num_steps, cotangent, z0 = eqx.combine(state_etc, static[2:])
+    diff, nondiff = eqx.partition(fn_args, eqx.is_inexact_array)
+    fn_args_static = static[:2]
+
+    def apply(diff, point, nondiff):
+        fn, args = eqx.combine(diff, nondiff, fn_args_static)
+        return fn(point, args)
+
+    if axis_size is None:
+        evaluate = apply
+    else:
+        in_axes = (
+            _axes(diff, batched[:2], 0, None),
+            0,
+            _axes(nondiff, batched[:2], 0, None),
+        )
+        evaluate = jax.vmap(apply, in_axes=in_axes)
 
     def vjp_at(point):
-        return eqx.filter_vjp(lambda fa, p: fa[0](p, fa[1]), fn_args, point)
+        out, vjp = jax.vjp(lambda d, p: evaluate(d, p, nondiff), diff, point)
+        return out, vjp
 
     def cond(carry):
-        return carry[0] > 0
+        return jnp.any(carry[0] > 0)
 
     def body(carry):
         n, ys, zs, ybar, zbar, grads = carry
+        # Unbatched, the loop condition already says the step is active.
+        active = True if axis_size is None else n > 0
         # zₙ₊₁ = c·zₙ + β·f(yₙ₊₁)
-        fy, vjp_y = vjp_at(precision.decode(ys))
-        zs = precision.reverse(zs, fy, beta)
-        dfa, dy = vjp_y(tree_scale(beta, zbar))
+        fy, vjp_y = vjp_at(lift(precision.decode)(ys))
+        new_zs = lift(lambda s, f: precision.reverse(s, f, beta))(zs, fy)
+        dgrads, dy = vjp_y(select(active, tree_scale(beta, zbar), None))
         ybar = jtu.tree_map(jnp.add, ybar, dy)
-        zbar = tree_scale(c, zbar)
-        grads = jtu.tree_map(jnp.add, grads, dfa)
-        # yₙ₊₁ = c·yₙ + β·f(zₙ)
-        fz, vjp_z = vjp_at(precision.decode(zs))
-        ys = precision.reverse(ys, fz, beta)
-        dfa, dz = vjp_z(tree_scale(beta, ybar))
+        grads = jtu.tree_map(jnp.add, grads, dgrads)
+        zs = select(active, new_zs, zs)
+        zbar = select(active, tree_scale(c, zbar), zbar)
+        # yₙ₊₁ = c·yₙ + β·f(zₙ); at n = 1, zₙ is the true z₀ that f saw.
+        point = select(n == 1, z0, lift(precision.decode)(zs))
+        fz, vjp_z = vjp_at(point)
+        new_ys = lift(lambda s, f: precision.reverse(s, f, beta))(ys, fz)
+        dgrads, dz = vjp_z(select(active, tree_scale(beta, ybar), None))
         zbar = jtu.tree_map(jnp.add, zbar, dz)
-        ybar = tree_scale(c, ybar)
-        grads = jtu.tree_map(jnp.add, grads, dfa)
+        grads = jtu.tree_map(jnp.add, grads, dgrads)
+        ys = select(active, new_ys, ys)
+        ybar = select(active, tree_scale(c, ybar), ybar)
         return n - 1, ys, zs, ybar, zbar, grads
 
+    grads = jtu.tree_map(jnp.zeros_like, diff)
     ybar = jtu.tree_map(jnp.zeros_like, cotangent)
     init = (num_steps, final_state.y, final_state.z, ybar, cotangent, grads)
     _, ys, zs, ybar, zbar, grads = jax.lax.while_loop(cond, body, init)
     z0_grad = jtu.tree_map(jnp.add, ybar, zbar)
-    return precision.decode(ys), precision.decode(zs), z0_grad, grads
+    decode = lift(precision.decode)
+    return decode(ys), decode(zs), z0_grad, grads
+
+
+def _identity(f):
+    return f
+
+
+def _select_unbatched(pred, on_true, on_false):
+    """`on_true` where the scalar `pred`, else `on_false`; a Python `True` (an
+    always-active step) selects without work."""
+    if pred is True:
+        return on_true
+    return jtu.tree_map(lambda t, f: jnp.where(pred, t, f), on_true, on_false)
+
+
+def _select_batched(pred, on_true, on_false):
+    """Per-sample select along the leading batch axis (`None` means zeros)."""
+    if on_false is None:
+        on_false = jtu.tree_map(jnp.zeros_like, on_true)
+
+    def leaf(t, f):
+        mask = pred.reshape(pred.shape + (1,) * (t.ndim - pred.ndim))
+        return jnp.where(mask, t, f)
+
+    return jtu.tree_map(leaf, on_true, on_false)
 
 
 def drift(rebuilt_y, rebuilt_z, start, output) -> Float[Array, ""]:
@@ -142,7 +241,7 @@ def _reversible_solve_bwd(
 ):
     del perturbed, max_steps
     final_state, num_steps = residuals
-    fn, _, args = fn_z0_args
+    fn, true_z0, args = fn_z0_args
     output = solver.precision.decode(final_state.z)
     cotangent = jtu.tree_map(
         lambda g, x: jnp.zeros_like(x) if g is None else g,
@@ -151,7 +250,7 @@ def _reversible_solve_bwd(
         is_leaf=lambda g: g is None,
     )
     y0, z0, z0_grad, (fn_grad, args_grad) = reverse_pass(
-        fn, args, solver, final_state, num_steps, cotangent
+        fn, args, solver, final_state, num_steps, cotangent, true_z0
     )
     failed = drift(y0, z0, final_state.start, output) > tolerance
     grads = (fn_grad, z0_grad, args_grad)
@@ -177,6 +276,6 @@ def reconstruction_error(fn, z0, args, *, solver: Reversible, max_steps: int):
     out = iterate(fn, solver, z0, args, max_steps=max_steps)
     zero = jtu.tree_map(jnp.zeros_like, out.value)
     y0, z0_rebuilt, _, _ = reverse_pass(
-        fn, args, solver, out.state, out.num_steps, zero
+        fn, args, solver, out.state, out.num_steps, zero, z0
     )
     return drift(y0, z0_rebuilt, out.state.start, out.value)

@@ -1,0 +1,329 @@
+"""Helpers shared by the experiment scripts: the command-line options, the model
+variants under an equal forward budget, the training loop, and the measurements and
+reports written to `--out`.
+
+**Equal forward budget.** `--steps k` gives RevDEQ `k` reversible steps, i.e.
+`2k + 1` evaluations of the cell per solve. Every other variant gets the same
+`2k + 1` forward evaluations: the DEQ `2k + 1` solver steps with `rtol = atol = 0`,
+the phantom DEQ `k + 1` solver steps plus its `k` differentiated damped steps, and
+the explicit baseline `2k + 1` distinct cells. The reports give the evaluations
+as measured, by counting the calls of the cells (`count_fn_evals`).
+"""
+
+import argparse
+import json
+import pathlib
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import equinox as eqx
+import jax
+from tqdm import tqdm
+
+import revdeq
+
+
+VARIANTS = ("revdeq", "deq", "phantom", "explicit")
+# Damping of the phantom gradient's differentiated iterations.
+PHANTOM_DAMPING = 0.5
+_LOG_EVERY = 20
+_CELLS = (revdeq.nn.MLPCell, revdeq.nn.ConvCell, revdeq.nn.TransformerCell)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, out: str) -> None:
+    """The options every experiment takes."""
+    parser.add_argument(
+        "--model",
+        choices=(*VARIANTS, "all"),
+        default="revdeq",
+        help="revdeq: Reversible solver + ReversibleAdjoint; deq: implicit-function "
+        "gradients; phantom: phantom gradients; explicit: weight-untied stack; all: "
+        "each in turn. All get the same forward evaluations (default: %(default)s).",
+    )
+    parser.add_argument("--epochs", type=int, default=1, help="(%(default)s)")
+    parser.add_argument("--batch-size", type=int, default=128, help="(%(default)s)")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=2e-3,
+        help="peak AdamW learning rate, after a linear warmup and before a cosine "
+        "decay (%(default)s)",
+    )
+    parser.add_argument(
+        "--weight-decay", type=float, default=1e-4, help="(%(default)s)"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=4,
+        help="reversible solver steps k; every variant gets 2k + 1 "
+        "forward evaluations (%(default)s)",
+    )
+    parser.add_argument(
+        "--beta",
+        type=float,
+        default=0.8,
+        help="relaxation of the reversible solver (%(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="(%(default)s)")
+    parser.add_argument("--out", default=out, help="output directory (%(default)s)")
+    parser.add_argument(
+        "--limit-train",
+        type=int,
+        metavar="N",
+        help="train on the first N examples only, for quick runs",
+    )
+    parser.add_argument(
+        "--limit-test",
+        type=int,
+        metavar="N",
+        help="evaluate on the first N held-out examples only",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue each model from its latest checkpoint in --out",
+    )
+
+
+def selected_variants(model: str) -> tuple[str, ...]:
+    return VARIANTS if model == "all" else (model,)
+
+
+def forward_evals(steps: int) -> int:
+    """Forward evaluations per solve of every variant: those of RevDEQ."""
+    return 2 * steps + 1
+
+
+def equilibrium_config(
+    variant: str, steps: int, beta: float, *, causal: bool = False
+) -> dict[str, Any]:
+    """`solver`, `adjoint` and `max_steps` of a DEQ variant under the equal budget.
+
+    With `causal`, the solvers treat positions independently (a float reversible
+    state, plain fixed-point iteration in place of Anderson), as the language model
+    requires.
+    """
+    budget = forward_evals(steps)
+    if variant == "revdeq":
+        precision = revdeq.FloatState() if causal else revdeq.ExactState()
+        solver = revdeq.Reversible(beta=beta, rtol=0, atol=0, precision=precision)
+        return dict(solver=solver, adjoint=revdeq.ReversibleAdjoint(), max_steps=steps)
+    solver_cls = revdeq.FixedPointIteration if causal else revdeq.Anderson
+    solver = solver_cls(rtol=0, atol=0)
+    if variant == "deq":
+        return dict(solver=solver, adjoint=revdeq.ImplicitAdjoint(), max_steps=budget)
+    if variant == "phantom":
+        adjoint = revdeq.PhantomAdjoint(steps=steps, damping=PHANTOM_DAMPING)
+        return dict(solver=solver, adjoint=adjoint, max_steps=budget - steps)
+    raise ValueError(f"{variant!r} is not an equilibrium variant.")
+
+
+class _Tally:
+    """Host-side counts of cell evaluations; a plain object, so no pytree."""
+
+    def __init__(self):
+        self.forward = 0
+        self.backward = 0
+
+    def add(self, name: str) -> None:
+        setattr(self, name, getattr(self, name) + 1)
+
+
+class _Counted(eqx.Module):
+    """A cell that reports each evaluation (`forward`) and each vector-Jacobian
+    product (`backward`) to a host-side counter."""
+
+    cell: eqx.Module
+    counts: _Tally = eqx.field(static=True)
+
+    def __call__(self, z, x):
+        return _counted_call((self.cell, z, x), self.counts)
+
+
+@eqx.filter_custom_vjp
+def _counted_call(cell_z_x, counts):
+    cell, z, x = cell_z_x
+    jax.debug.callback(lambda: counts.add("forward"))
+    return cell(z, x)
+
+
+@_counted_call.def_fwd
+def _counted_call_fwd(perturbed, cell_z_x, counts):
+    del perturbed
+    return _counted_call.fn(cell_z_x, counts), None
+
+
+@_counted_call.def_bwd
+def _counted_call_bwd(residuals, grad_out, perturbed, cell_z_x, counts):
+    del residuals, perturbed
+    jax.debug.callback(lambda: counts.add("backward"))
+    _, vjp = eqx.filter_vjp(lambda czx: czx[0](czx[1], czx[2]), cell_z_x)
+    return vjp(grad_out)[0]
+
+
+def count_fn_evals(model: eqx.Module, loss_fn: Callable, example: Any) -> dict:
+    """Measure the cell evaluations per example: `nfe_forward` in a forward pass,
+    and `nfe_backward`, the cell's vector-Jacobian products in a backward pass,
+    summed over the model's equilibrium stages. `example` is a batch of one."""
+    counts = _Tally()
+    counted = jax.tree.map(
+        lambda node: _Counted(node, counts) if isinstance(node, _CELLS) else node,
+        model,
+        is_leaf=lambda node: isinstance(node, _CELLS),
+    )
+    key = jax.random.key(0)
+    jax.block_until_ready(eqx.filter_jit(loss_fn)(counted, example, key))
+    jax.effects_barrier()
+    nfe_forward = counts.forward
+    grad = eqx.filter_jit(eqx.filter_grad(lambda m: loss_fn(m, example, key)[0]))
+    jax.block_until_ready(grad(counted))
+    jax.effects_barrier()
+    return {"nfe_forward": nfe_forward, "nfe_backward": counts.backward}
+
+
+def temp_memory_bytes(step: Callable, *args: Any) -> int:
+    """The compiled temporary memory of a training step on these arguments."""
+    arrays, static = eqx.partition(args, eqx.is_array)
+
+    def step_arrays(arrays):
+        return eqx.filter(step(*eqx.combine(arrays, static)), eqx.is_array)
+
+    lowered = jax.jit(step_arrays).lower(arrays)
+    return int(lowered.compile().memory_analysis().temp_size_in_bytes)
+
+
+def train(
+    model: eqx.Module,
+    loss_fn: Callable,
+    evaluate: Callable[[eqx.Module], dict[str, float]],
+    batches: Callable[[jax.Array], Iterable[Any]],
+    *,
+    num_batches: int,
+    args: argparse.Namespace,
+    out: pathlib.Path,
+) -> tuple[eqx.Module, dict[str, Any]]:
+    """Train `model` for `args.epochs` epochs with AdamW (warmup, cosine decay),
+    data parallel over the local devices, with a checkpoint and an evaluation after
+    each epoch.
+
+    **Arguments:**
+
+    - `loss_fn`: `loss_fn(model, batch, key) -> (loss, metrics)` on a batch.
+    - `evaluate`: held-out metrics of a model, e.g. `{"test_accuracy": 0.9}`.
+    - `batches`: one epoch of training batches, shuffled by the given key.
+    - `num_batches`: the number of batches in an epoch.
+    - `out`: this model's directory, for `metrics.jsonl` and `checkpoints/`.
+
+    **Returns:**
+
+    The trained model, and a dict of its held-out metrics, `wall_time_s` (training
+    and evaluation, summed over resumed runs), `train_time_s`, `steps` and
+    `peak_memory_bytes` of the training step.
+    """
+    total_steps = args.epochs * num_batches
+    optimiser = revdeq.train.make_optimiser(
+        args.lr,
+        total_steps=total_steps,
+        warmup_steps=min(total_steps // 10, 500),
+        weight_decay=args.weight_decay,
+    )
+    opt_state = revdeq.train.init_optimiser(optimiser, model)
+    step_fn = revdeq.train.make_step(loss_fn, optimiser)
+    checkpoints = out / "checkpoints"
+    logger = revdeq.train.MetricsLogger(out / "metrics.jsonl")
+    first_epoch, elapsed, train_time = 0, 0.0, 0.0
+    if args.resume and revdeq.train.latest_checkpoint(checkpoints) is not None:
+        _, model, opt_state, extra = revdeq.train.restore_checkpoint(
+            checkpoints, model, opt_state
+        )
+        first_epoch, elapsed = extra["epoch"], extra["wall_time_s"]
+        train_time = extra["train_time_s"]
+    elif (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
+
+    parallel = revdeq.train.DataParallel(jax.local_devices())
+    model, opt_state = parallel.replicate((model, opt_state))
+    data_key, step_key = jax.random.split(jax.random.key(args.seed))
+    metrics: dict[str, float] = {}
+    for epoch in range(first_epoch, args.epochs):
+        start = time.perf_counter()
+        epoch_batches = batches(jax.random.fold_in(data_key, epoch))
+        progress = tqdm(
+            epoch_batches,
+            total=num_batches,
+            desc=f"{out.name} epoch {epoch + 1}/{args.epochs}",
+            leave=False,
+        )
+        for i, batch in enumerate(progress):
+            step = epoch * num_batches + i
+            batch = parallel.shard_batch(batch)
+            model, opt_state, train_metrics = step_fn(
+                model, opt_state, batch, jax.random.fold_in(step_key, step)
+            )
+            if step % _LOG_EVERY == 0 or i == num_batches - 1:
+                record = logger.log(step=step, split="train", **train_metrics)
+                progress.set_postfix(loss=f"{record['loss']:.3f}")
+        jax.block_until_ready(model)
+        train_time += time.perf_counter() - start
+        metrics = evaluate(model)
+        elapsed += time.perf_counter() - start
+        logger.log(
+            step=(epoch + 1) * num_batches, split="eval", epoch=epoch + 1, **metrics
+        )
+        tqdm.write(
+            f"{out.name} epoch {epoch + 1}: "
+            + ", ".join(f"{name} {value:.4g}" for name, value in metrics.items())
+        )
+        extra = {"epoch": epoch + 1, "wall_time_s": elapsed, "train_time_s": train_time}
+        revdeq.train.save_checkpoint(
+            checkpoints, (epoch + 1) * num_batches, model, opt_state, extra, keep=1
+        )
+    if not metrics:  # Resumed after the last epoch.
+        metrics = evaluate(model)
+    sample = parallel.shard_batch(next(iter(batches(data_key))))
+    memory = temp_memory_bytes(step_fn, model, opt_state, sample, step_key)
+    summary = {
+        **metrics,
+        "wall_time_s": elapsed,
+        "train_time_s": train_time,
+        "steps": total_steps,
+        "peak_memory_bytes": memory,
+    }
+    return model, summary
+
+
+def write_reports(
+    out: pathlib.Path, results: dict[str, dict[str, Any]], *, curve: str = "loss"
+) -> str:
+    """Write `results.json`, `results.md` (one row per model) and
+    `learning_curves.png` (the training `curve` of each model) under `out`.
+
+    **Returns:**
+
+    The Markdown table.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    columns = list(next(iter(results.values())))
+    lines = [
+        "| model | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for name, row in results.items():
+        cells = [_format(row[column]) for column in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    (out / "results.md").write_text(table + "\n")
+    runs = {name: out / name / "metrics.jsonl" for name in results}
+    revdeq.train.plot_learning_curves(
+        runs, curve, out / "learning_curves.png", title=f"training {curve}"
+    )
+    return table
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

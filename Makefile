@@ -13,7 +13,13 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
 demo: $(STAMP)
+	@# The offline data: Debian's dataset-fashion-mnist, installed when apt can.
+	@test -d $(FASHION_MNIST) || ! command -v apt-get >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
+		echo "Could not install dataset-fashion-mnist; see README (Data)."
 	$(PY) experiments/demo.py
 
 bench: $(STAMP)

@@ -9,8 +9,9 @@ bits live:
   `1/|c|` per step, so exactness lasts only as long as the state's spare mantissa.
 - [`revdeq.ExactState`][] keeps the state as a fixed-point integer and pushes exactly
   the bits that the multiplication by `c` discards into an integer information
-  buffer. The reversal is then bit-exact for any number of steps, at a memory cost of
-  `log2(1/|c|)` bits per element per step: the information limit.
+  buffer, with O(1) work per step. The reversal is then bit-exact for any number of
+  steps, at a memory cost of `log2(1/|c|)` bits per element per step: the
+  information limit.
 """
 
 import abc
@@ -21,13 +22,17 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import Array, Bool, Float, Int, PyTree
+from jaxtyping import Array, Bool, Float, Int, PyTree, UInt16
 
 from ._custom_types import Y
 
 
 class AbstractPrecision(eqx.Module):
     """A state representation for [`revdeq.Reversible`][]."""
+
+    def representable_beta(self, beta: float) -> float:
+        """The relaxation this representation uses in place of `beta`."""
+        return beta
 
     @abc.abstractmethod
     def encode(self, z0: Y, fz0: Y, beta: float, max_steps: int) -> PyTree:
@@ -123,50 +128,81 @@ class FloatState(AbstractPrecision):
         return jnp.array(True)
 
 
-_LIMB_BITS = 16
-_LIMB_MASK = (1 << _LIMB_BITS) - 1
+_WORD_BITS = 16
+_WORD_MASK = (1 << _WORD_BITS) - 1
 # Bits of headroom above the initial bound on the state's magnitude.
 _HEADROOM_BITS = 6
-_MAX_DENOMINATOR = 1 << 14
+# The buffer's head stays in [low, low · 2^16) with `low ≤ 2^15`, and must be a
+# multiple of both n and d: hence `n · d ≤ 2^15`.
+_MAX_HEAD_LOW = 1 << 15
 
 
 def _rational(c: float) -> tuple[int, int, int]:
-    """`c ≈ sign · n / d` with `d ≤ 2**14`, the best such rational."""
-    frac = Fraction(abs(c)).limit_denominator(_MAX_DENOMINATOR)
-    return (1 if c > 0 else -1), frac.numerator, frac.denominator
+    """`c ≈ sign · n / d`: the best rational with `n · d ≤ 2**15`. Exact for the usual
+    `β` (0.5, 0.8, 0.9, 1.2, ...)."""
+    limit = _MAX_HEAD_LOW
+    while True:
+        frac = Fraction(abs(c)).limit_denominator(limit)
+        if frac.numerator * frac.denominator <= _MAX_HEAD_LOW:
+            return (1 if c > 0 else -1), frac.numerator, frac.denominator
+        limit //= 2
 
 
-def _num_limbs(beta: float, max_steps: int) -> int:
+def _head_low(n: int, d: int) -> int:
+    lcm = n * d // math.gcd(n, d)
+    return lcm * (_MAX_HEAD_LOW // lcm)
+
+
+def _num_words(beta: float, max_steps: int) -> int:
     _, n, d = _rational(1 - beta)
-    bits = max_steps * math.log2(d / n) + math.log2(d) + _LIMB_BITS
-    return math.ceil(bits / _LIMB_BITS) + 1
+    return math.ceil(max_steps * math.log2(d / n) / _WORD_BITS) + 2
 
 
-def _push(buffer, digit, base: int):
-    """`buffer ← buffer · base + digit`, little-endian 16-bit limbs."""
-    carry = digit
-    limbs = []
-    for limb in buffer:
-        t = limb * base + carry
-        limbs.append(t & _LIMB_MASK)
-        carry = t >> _LIMB_BITS
-    return jnp.stack(limbs), jnp.any(carry != 0)
+class _Buffer(eqx.Module):
+    """A per-element stack of 16-bit words under a head in `[low, low · 2^16)`.
+
+    Pushing a digit in base `m` multiplies the head by `m`, spilling one word to the
+    stack first when that would overflow; popping divides and refills. This is
+    range-variant ANS coding with a uniform distribution (Duda, 2013): pushes and pops
+    are exact inverses, and each costs O(1) per element. Words below the bottom of
+    the stack read as zero.
+    """
+
+    head: Int[Array, "..."]
+    words: UInt16[Array, "words ..."]
+    top: Int[Array, "..."]
 
 
-def _pop(buffer, base: int):
-    """`(buffer // base, buffer % base)`."""
-    rem = jnp.zeros_like(buffer[0])
-    limbs = []
-    for limb in buffer[::-1]:
-        cur = (rem << _LIMB_BITS) | limb
-        limbs.append(cur // base)
-        rem = cur % base
-    return jnp.stack(limbs[::-1]), rem
+def _push(buffer: _Buffer, digit, base: int, low: int) -> tuple[_Buffer, Array]:
+    """Push `digit ∈ [0, base)`; also returns whether the stack overflowed."""
+    limit = (low // base) << _WORD_BITS
+    # Base 1 (pushing nothing) never grows the head.
+    spill = buffer.head >= limit if limit < 2**31 else jnp.zeros_like(buffer.top, bool)
+    index = jnp.clip(buffer.top, 0, buffer.words.shape[0] - 1)[None]
+    kept = jnp.take_along_axis(buffer.words, index, axis=0)[0]
+    word = jnp.where(spill, buffer.head & _WORD_MASK, kept).astype(kept.dtype)
+    words = jnp.put_along_axis(buffer.words, index, word[None], axis=0, inplace=False)
+    head = jnp.where(spill, buffer.head >> _WORD_BITS, buffer.head) * base + digit
+    top = buffer.top + spill
+    overflow = jnp.any(top > buffer.words.shape[0])
+    return _Buffer(head, words, top), overflow
+
+
+def _pop(buffer: _Buffer, base: int, low: int) -> tuple[_Buffer, Array]:
+    """Pop a digit in `[0, base)`."""
+    digit = buffer.head % base
+    head = buffer.head // base
+    refill = head < low
+    index = jnp.clip(buffer.top - 1, 0, buffer.words.shape[0] - 1)
+    word = jnp.take_along_axis(buffer.words, index[None], axis=0)[0]
+    word = jnp.where(buffer.top > 0, word.astype(head.dtype), 0)
+    head = jnp.where(refill, (head << _WORD_BITS) | word, head)
+    return _Buffer(head, buffer.words, buffer.top - refill), digit
 
 
 class _ExactLeaf(eqx.Module):
     ints: Int[Array, "..."]
-    buffer: Int[Array, "limbs ..."]
+    buffer: _Buffer
     exponent: Int[Array, ""]
     value: Float[Array, "..."]
     ok: Bool[Array, ""]
@@ -179,13 +215,14 @@ class ExactState(AbstractPrecision):
     and one exponent `e`, chosen from `max(|z0|, |f(z0)|)` over all leaves with 64×
     headroom, so the resolution is about `2^-24` (`2^-55`) of the state's scale.
     Additions are then exact, and the multiplication by `c = 1 − β ≈ ±n/d` (the
-    best rational with `d ≤ 2^14`) is made invertible by the information-buffer
-    scheme of Maclaurin et al.: `Y mod d` is pushed into a per-element integer
-    buffer, and `Y // d` takes `log2(n)` bits back out of it. The buffer grows by
-    `log2(d/n) = log2(1/|c|)` bits per
-    step: the information limit. `f` still sees floats of the dtype of `z0`, and
-    its output enters the state as `round(β·f·2^e)`, a deterministic function of
-    `f`'s bits.
+    best rational with `n · d ≤ 2^15`, exact for the usual `β`) is made invertible
+    as in the information buffer of Maclaurin et al.: the digit `Y mod d` is pushed
+    into a per-element buffer and `Y // d · n` takes a digit in base `n` back out.
+    The buffer is coded as in range-variant asymmetric numeral systems, so each push
+    and pop is O(1) work, and it grows by `log2(d/n) = log2(1/|c|)` bits per step:
+    the information limit, rounded up to whole 16-bit words. `f` still sees floats
+    of the dtype of `z0`, and its output enters the state as `round(β·f·2^e)`, a
+    deterministic function of `f`'s bits.
 
     The reconstruction is exact whatever `β`, dtype or number of steps, as long as
     `f` returns the same bits when re-evaluated on the same input, and the state stays
@@ -204,10 +241,15 @@ class ExactState(AbstractPrecision):
         ```
     """
 
-    def encode(self, z0, fz0, beta, max_steps):
+    def representable_beta(self, beta):
         sign, n, d = _rational(1 - beta)
+        return 1 - sign * n / d
+
+    def encode(self, z0, fz0, beta, max_steps):
+        _, n, d = _rational(1 - beta)
         bound = max(1.0, abs(beta) / (1 - abs(1 - beta)))
-        num_limbs = _num_limbs(beta, max_steps)
+        num_words = _num_words(beta, max_steps)
+        low = _head_low(n, d)
 
         # One scale for all leaves: a leaf that starts at zero may grow like the rest.
         magnitude = jnp.maximum(_max_abs(z0), bound * _max_abs(fz0))
@@ -217,7 +259,11 @@ class ExactState(AbstractPrecision):
             int_dtype, float_dtype, bits = _fixed_point_format(z.dtype)
             exponent = jnp.clip(bits - 1 - _HEADROOM_BITS - top, -120, 120)
             ints = jnp.round(_scale(z, exponent)).astype(int_dtype)
-            buffer = jnp.zeros((num_limbs, *z.shape), jnp.int32)
+            buffer = _Buffer(
+                jnp.full(z.shape, low, jnp.int32),
+                jnp.zeros((num_words, *z.shape), jnp.uint16),
+                jnp.zeros(z.shape, jnp.int32),
+            )
             value = _straight_through(_unscale(ints, exponent, z.dtype), z)
             return _ExactLeaf(ints, buffer, exponent, value, jnp.array(True))
 
@@ -225,12 +271,13 @@ class ExactState(AbstractPrecision):
 
     def forward(self, state, fval, beta):
         sign, n, d = _rational(1 - beta)
+        low = _head_low(n, d)
 
         def leaf(s: _ExactLeaf, f):
             _, _, bits = _fixed_point_format(s.value.dtype)
             digit = (s.ints % d).astype(jnp.int32)
-            buffer, overflow_push = _push(s.buffer, digit, d)
-            buffer, rem = _pop(buffer, n)
+            buffer, overflow_push = _push(s.buffer, digit, d, low)
+            buffer, rem = _pop(buffer, n, low)
             injection, injection_ok = _injection(f, beta, s.exponent)
             ints = sign * ((s.ints // d) * n + rem.astype(s.ints.dtype)) + injection
             linear = (1 - beta) * s.value + beta * f.astype(s.value.dtype)
@@ -243,11 +290,13 @@ class ExactState(AbstractPrecision):
 
     def reverse(self, state, fval, beta):
         sign, n, d = _rational(1 - beta)
+        low = _head_low(n, d)
 
         def leaf(s: _ExactLeaf, f):
             ints = sign * (s.ints - _injection(f, beta, s.exponent)[0])
-            buffer, overflow_push = _push(s.buffer, (ints % n).astype(jnp.int32), n)
-            buffer, rem = _pop(buffer, d)
+            digit = (ints % n).astype(jnp.int32)
+            buffer, overflow_push = _push(s.buffer, digit, n, low)
+            buffer, rem = _pop(buffer, d, low)
             ints = (ints // n) * d + rem.astype(ints.dtype)
             value = _unscale(ints, s.exponent, s.value.dtype)
             return _ExactLeaf(ints, buffer, s.exponent, value, s.ok & ~overflow_push)

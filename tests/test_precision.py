@@ -45,7 +45,7 @@ def test_exact_state_matches_float64_truth(getkey, beta, steps):
     assert relative_error(got, truth) <= 1e-5
 
 
-@pytest.mark.parametrize("beta", [0.5, 0.9, 1.2])
+@pytest.mark.parametrize("beta", [0.5, 0.9, 1.2, 0.123])
 def test_exact_state_reconstructs_bit_for_bit(getkey, beta):
     cell, z0s, xs = _float32_problem(getkey())
     solver = revdeq.Reversible(beta=beta, rtol=0, atol=0)
@@ -115,3 +115,23 @@ def test_bfloat16_compute(getkey):
         cell, z0s[0], xs[0], solver=solver, max_steps=12
     )
     assert drift < 1e-2
+
+
+def test_unusual_beta_uses_the_nearest_reversible_one(getkey):
+    # 1 - 0.123 = 877/1000 needs n·d > 2^15: the iteration uses 1 - 164/187.
+    solver = revdeq.Reversible(beta=0.123, rtol=0, atol=0)
+    assert solver.relaxation == pytest.approx(0.123, abs=1e-4)
+    assert revdeq.Reversible(beta=0.8).relaxation == 0.8
+    cell, z0s, xs = _float32_problem(getkey())
+
+    def with_adjoint(adjoint):
+        def single(c, z0, x):
+            return revdeq.solve(
+                c, z0, x, solver=solver, adjoint=adjoint, max_steps=10
+            ).value
+
+        return _batch_grad(single, cell, z0s, xs)
+
+    reversible = with_adjoint(revdeq.ReversibleAdjoint())
+    unrolled = with_adjoint(revdeq.UnrolledAdjoint())
+    assert relative_error(reversible, unrolled) <= 1e-5

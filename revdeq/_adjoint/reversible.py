@@ -109,7 +109,7 @@ def _reverse_loop(solver: Reversible, static, dynamic, axis_size, batched):
     """The reverse loop, on one example (`axis_size=None`) or on a batch whose
     batched leaves are flagged in `batched`."""
     precision = solver.precision
-    beta = solver.beta
+    beta = solver.relaxation
     c = 1 - beta
     fn_args, state_etc = dynamic[:2], dynamic[2:]
     if axis_size is None:
@@ -143,8 +143,7 @@ def _reverse_loop(solver: Reversible, static, dynamic, axis_size, batched):
         evaluate = jax.vmap(apply, in_axes=in_axes)
 
     def vjp_at(point):
-        out, vjp = jax.vjp(lambda d, p: evaluate(d, p, nondiff), diff, point)
-        return out, vjp
+        return jax.vjp(lambda d, p: evaluate(d, p, nondiff), diff, point)
 
     def cond(carry):
         return jnp.any(carry[0] > 0)

@@ -74,12 +74,18 @@ class Reversible(AbstractSolver):
                 "the step cannot be inverted, and outside (0, 2) it does not contract."
             )
 
+    @property
+    def relaxation(self) -> float:
+        """The `β` the iteration uses: `beta` itself, unless the precision can only
+        reverse a nearby value exactly (see [`revdeq.ExactState`][])."""
+        return self.precision.representable_beta(self.beta)
+
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         del f_struct, aux_struct, tags
         # `revdeq.solve` passes its `max_steps`; the default serves `optx.fixed_point`.
         max_steps = options.get("max_steps", 256)
         fz0, _ = fn(y, args)
-        state = self.precision.encode(y, fz0, self.beta, max_steps)
+        state = self.precision.encode(y, fz0, self.relaxation, max_steps)
         # The first step uses f at the true z₀; the backward pass evaluates f there
         # too. The certificate compares against the encoded z₀.
         start = self.precision.decode(state)
@@ -88,9 +94,9 @@ class Reversible(AbstractSolver):
 
     def step(self, fn, y, args, options, state, tags):
         del y, options, tags
-        ys = self.precision.forward(state.y, state.fz, self.beta)
+        ys = self.precision.forward(state.y, state.fz, self.relaxation)
         fy, _ = fn(self.precision.decode(ys), args)
-        zs = self.precision.forward(state.z, fy, self.beta)
+        zs = self.precision.forward(state.z, fy, self.relaxation)
         z = self.precision.decode(zs)
         fz, aux = fn(z, args)
         in_range = self.precision.in_range(ys) & self.precision.in_range(zs)

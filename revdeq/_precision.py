@@ -175,9 +175,9 @@ class _Buffer(eqx.Module):
 
 def _push(buffer: _Buffer, digit, base: int, low: int) -> tuple[_Buffer, Array]:
     """Push `digit ∈ [0, base)`; also returns whether the stack overflowed."""
-    limit = (low // base) << _WORD_BITS
-    # Base 1 (pushing nothing) never grows the head.
-    spill = buffer.head >= limit if limit < 2**31 else jnp.zeros_like(buffer.top, bool)
+    if base == 1:  # nothing to push: c = 1/d for the usual β
+        return buffer, jnp.array(False)
+    spill = buffer.head >= (low // base) << _WORD_BITS
     index = jnp.clip(buffer.top, 0, buffer.words.shape[0] - 1)[None]
     kept = jnp.take_along_axis(buffer.words, index, axis=0)[0]
     word = jnp.where(spill, buffer.head & _WORD_MASK, kept).astype(kept.dtype)
@@ -190,6 +190,8 @@ def _push(buffer: _Buffer, digit, base: int, low: int) -> tuple[_Buffer, Array]:
 
 def _pop(buffer: _Buffer, base: int, low: int) -> tuple[_Buffer, Array]:
     """Pop a digit in `[0, base)`."""
+    if base == 1:
+        return buffer, jnp.zeros_like(buffer.head)
     digit = buffer.head % base
     head = buffer.head // base
     refill = head < low

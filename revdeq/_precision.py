@@ -163,7 +163,7 @@ class _Buffer(eqx.Module):
 
     Pushing a digit in base `m` multiplies the head by `m`, spilling one word to the
     stack first when that would overflow; popping divides and refills. This is
-    range-variant ANS coding with a uniform distribution (Duda, 2013): pushes and pops
+    range-variant ANS coding with a uniform distribution (Duda, 2009): pushes and pops
     are exact inverses, and each costs O(1) per element. Words below the bottom of
     the stack read as zero.
     """

@@ -98,10 +98,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _common.add_common_arguments(parser, out="runs/language_model")
     parser.set_defaults(beta=0.5, batch_size=16, lr=1e-3)
     args = parser.parse_args(argv)
+    if args.model == "deq":
+        parser.error(_NO_IMPLICIT)
     args.vocab_size = revdeq.data.BYTE_VOCAB_SIZE
     if args.paper:
         vars(args).update(_PAPER, dataset="wikitext103")
     return args
+
+
+# The transformer cell is residual, z + g(z), so the iteration does not contract and
+# the implicit backward system (I − ∂f/∂z)ᵀ w = g has no convergent iterative solve.
+_NO_IMPLICIT = (
+    "the implicit-gradient DEQ needs a contractive cell, and the residual "
+    "TransformerCell (z + g(z)) is not one: its backward linear solve cannot converge. "
+    "Compare against --model phantom or explicit instead."
+)
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
@@ -155,6 +166,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     model_args = (args.vocab_size, args.seq_len, args.dim, args.num_heads)
     results = {}
     for variant in _common.selected_variants(args.model):
+        if variant == "deq":
+            print(f"Skipping deq: {_NO_IMPLICIT}")
+            continue
         key = jax.random.key(args.seed)
         if variant == "explicit":
             model = revdeq.nn.ExplicitLanguageModel(

@@ -76,3 +76,10 @@ def test_help(script, capsys, monkeypatch):
         parse(["--help"])
     assert exit_info.value.code == 0
     assert "--model" in capsys.readouterr().out
+
+
+def test_language_model_refuses_implicit_deq(scripts, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        scripts["language"].parse_args(["--model", "deq"])
+    assert exit_info.value.code == 2
+    assert "contractive" in capsys.readouterr().err

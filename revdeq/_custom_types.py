@@ -12,6 +12,3 @@ Args: TypeAlias = PyTree[Any]
 
 Fn: TypeAlias = Callable[[Y, Args], Y]
 """A cell `fn(z, args) -> z`."""
-
-AuxFn: TypeAlias = Callable[[Y, Args], tuple[Y, Any]]
-"""A cell in optimistix's convention, `fn(z, args) -> (z, aux)`."""

@@ -1,5 +1,3 @@
-from typing import Any
-
 import equinox as eqx
 import optimistix as optx
 from jaxtyping import Array, PyTree
@@ -44,4 +42,3 @@ class Solution(eqx.Module):
     value: Y
     result: RESULTS
     stats: dict[str, PyTree[Array]]
-    state: Any = eqx.field(repr=False, default=None)

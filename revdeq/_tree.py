@@ -7,11 +7,6 @@ import jax.tree_util as jtu
 from jaxtyping import Array, PyTree, Scalar
 
 
-def tree_axpy(a, x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
-    """`a * x + y`, leaf by leaf, keeping each leaf of `y`'s dtype."""
-    return jtu.tree_map(lambda xi, yi: (a * xi + yi).astype(yi.dtype), x, y)
-
-
 def tree_lerp(t, x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
     """`(1 - t) * x + t * y`, leaf by leaf, in `x`'s dtypes."""
     return jtu.tree_map(lambda xi, yi: ((1 - t) * xi + t * yi).astype(xi.dtype), x, y)
@@ -53,21 +48,6 @@ def relative_residual(fz: PyTree[Array], z: PyTree[Array]) -> Scalar:
     den = tree_rms(fz)
     tiny = jnp.finfo(den.dtype).tiny
     return num / jnp.maximum(den, tiny)
-
-
-def tree_isfinite(x: PyTree[Array]) -> jax.Array:
-    return jnp.all(
-        jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jtu.tree_leaves(x)])
-    )
-
-
-def tree_equal(x: PyTree[Array], y: PyTree[Array]) -> jax.Array:
-    """Whether every element of `x` equals that of `y`, as a traced boolean."""
-    return jnp.all(
-        jnp.stack(
-            [jnp.all(a == b) for a, b in zip(jtu.tree_leaves(x), jtu.tree_leaves(y))]
-        )
-    )
 
 
 def tree_stop_gradient(x: PyTree):

@@ -5,7 +5,10 @@ import json
 import math
 import pathlib
 
+import jax
 import pytest
+
+import revdeq
 
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
@@ -83,3 +86,12 @@ def test_language_model_refuses_implicit_deq(scripts, capsys):
         scripts["language"].parse_args(["--model", "deq"])
     assert exit_info.value.code == 2
     assert "contractive" in capsys.readouterr().err
+
+
+def test_paper_image_model(scripts):
+    module = scripts["image"]
+    args = module.parse_args(["--paper", "--model", "revdeq"])
+    assert args.dataset == "cifar10"
+    model = module.build_model(args, (3, 32, 32), 10, "revdeq", jax.random.key(0))
+    assert isinstance(model, revdeq.nn.ImplicitResNet)
+    assert revdeq.nn.count_parameters(model) == 10_319_754

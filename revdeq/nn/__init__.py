@@ -12,6 +12,7 @@ from ._cells import (
 )
 from ._deq import DEQ as DEQ
 from ._models import (
+    CIFAR10_TRUNK as CIFAR10_TRUNK,
     DEQLanguageModel as DEQLanguageModel,
     ImplicitResNet as ImplicitResNet,
 )

@@ -121,6 +121,12 @@ class ResNetTrunk(eqx.Module):
         return self.head(jnp.mean(x, axis=(1, 2)))
 
 
+# The multiscale layout of the paper's CIFAR-10 model (the authors' training script).
+CIFAR10_TRUNK: dict[str, Any] = dict(
+    channels=(128, 256, 256, 128), width_expansions=(1, 3, 3, 1), group_size=16
+)
+
+
 class ImplicitResNet(eqx.Module):
     r"""The multiscale implicit ResNet of RevDEQs, on one `(C, H, W)` image.
 
@@ -219,10 +225,8 @@ class ImplicitResNet(eqx.Module):
         Keyword arguments override these (e.g. `state_dtype`).
         """
         config: dict[str, Any] = dict(
-            channels=(128, 256, 256, 128),
-            width_expansions=(1, 3, 3, 1),
+            **CIFAR10_TRUNK,
             max_steps=(4, 4, 4, 4),
-            group_size=16,
             solver=Reversible(beta=0.8, rtol=0.0, atol=0.0),
         )
         return cls((3, 32, 32), 10, key=key, **(config | kwargs))

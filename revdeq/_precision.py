@@ -71,6 +71,13 @@ class FloatState(AbstractPrecision):
     **Arguments:**
 
     - `dtype`: the floating dtype of the state, or `None` for that of `z0`.
+
+    !!! Example
+
+        ```python
+        jax.config.update("jax_enable_x64", True)
+        solver = revdeq.Reversible(beta=0.8, precision=revdeq.FloatState(jnp.float64))
+        ```
     """
 
     dtype: jnp.dtype | None = eqx.field(
@@ -240,6 +247,13 @@ class ExactState(AbstractPrecision):
             booktitle={International Conference on Machine Learning},
             pages={2113--2122}, year={2015}
         }
+        ```
+
+    !!! Example
+
+        ```python
+        solver = revdeq.Reversible(beta=0.9, precision=revdeq.ExactState())  # default
+        revdeq.reconstruction_error(cell, z0, x, solver=solver, max_steps=64)  # 0.0
         ```
     """
 

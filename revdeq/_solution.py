@@ -10,6 +10,14 @@ class RESULTS(optx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
 
     Reaching `max_steps` is the normal budget of DEQ training and is reported, never
     raised. The other failures raise under `throw=True`.
+
+    !!! Example
+
+        ```python
+        sol = revdeq.solve(cell, z0, x, max_steps=4, throw=False)
+        if sol.result != revdeq.RESULTS.successful:
+            print(revdeq.RESULTS[sol.result])
+        ```
     """
 
     diverged = (
@@ -37,6 +45,13 @@ class Solution(eqx.Module):
     - `stats`: a dict with `num_steps`, `num_fn_evals` (forward evaluations of `fn`)
         and `residual`, the relative residual `‖f(z) − z‖ / ‖f(z)‖` at the last
         evaluated iterate. Under `vmap` each is per sample.
+
+    !!! Example
+
+        ```python
+        sol = revdeq.solve(cell, z0, x, max_steps=8)
+        sol.value, sol.stats["num_steps"], sol.stats["residual"]
+        ```
     """
 
     value: Y

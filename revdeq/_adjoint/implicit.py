@@ -42,6 +42,16 @@ class ImplicitAdjoint(AbstractAdjoint):
             year={2019}
         }
         ```
+
+    !!! Example
+
+        ```python
+        import lineax as lx
+
+        adjoint = revdeq.ImplicitAdjoint(linear_solver=lx.GMRES(rtol=1e-6, atol=1e-6))
+        sol = revdeq.solve(cell, z0, x, solver=revdeq.Anderson(), adjoint=adjoint,
+                           max_steps=50)
+        ```
     """
 
     linear_solver: lx.AbstractLinearSolver = lx.GMRES(

@@ -38,6 +38,14 @@ class PhantomAdjoint(AbstractAdjoint):
             year={2022}
         }
         ```
+
+    !!! Example
+
+        ```python
+        adjoint = revdeq.PhantomAdjoint(steps=5, damping=0.5)
+        sol = revdeq.solve(cell, z0, x, solver=revdeq.Anderson(), adjoint=adjoint,
+                           max_steps=20)
+        ```
     """
 
     steps: int = 1

@@ -14,6 +14,13 @@ class UnrolledAdjoint(AbstractAdjoint):
 
     - `checkpoints`: the number of stored states; `None` derives it from
         `max_steps`, as `equinox.internal.while_loop` does.
+
+    !!! Example
+
+        ```python
+        sol = revdeq.solve(cell, z0, x, solver=revdeq.Reversible(rtol=0, atol=0),
+                           adjoint=revdeq.UnrolledAdjoint(), max_steps=8)
+        ```
     """
 
     checkpoints: int | None = None

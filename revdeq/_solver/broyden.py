@@ -41,6 +41,13 @@ class Broyden(AbstractSolver):
             volume={19}, number={92}, pages={577--593}, year={1965}
         }
         ```
+
+    !!! Example
+
+        ```python
+        sol = revdeq.solve(cell, z0, x, solver=revdeq.Broyden(history=8),
+                           adjoint=revdeq.ImplicitAdjoint(), max_steps=30)
+        ```
     """
 
     history: int = 8

@@ -54,6 +54,12 @@ def latest_checkpoint(directory: str | os.PathLike) -> pathlib.Path | None:
 
     The path of the latest complete checkpoint, or `None` if there is none (or the
     directory does not exist). Partially written temporary files are ignored.
+
+    !!! Example
+
+        ```python
+        path = revdeq.train.latest_checkpoint("runs/demo/revdeq/checkpoints")
+        ```
     """
     checkpoints = _checkpoints(pathlib.Path(directory))
     return checkpoints[max(checkpoints)] if checkpoints else None

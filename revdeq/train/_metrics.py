@@ -75,6 +75,13 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     **Returns:**
 
     The records, in file order.
+
+    !!! Example
+
+        ```python
+        records = revdeq.train.read_metrics("runs/demo/revdeq/metrics.jsonl")
+        losses = [r["loss"] for r in records if "loss" in r]
+        ```
     """
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -31,6 +31,13 @@ def init_optimiser(
     **Returns:**
 
     The optimiser state.
+
+    !!! Example
+
+        ```python
+        optimiser = optax.adamw(1e-3)
+        opt_state = revdeq.train.init_optimiser(optimiser, model)
+        ```
     """
     return optimiser.init(eqx.filter(model, eqx.is_inexact_array))
 

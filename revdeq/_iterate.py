@@ -51,9 +51,14 @@ def iterate(
 ) -> Iteration:
     """Run `solver` on `fn` from `z0` until it terminates or takes `max_steps` steps.
 
+    The loop runs in segments of `solver.segment_length(max_steps)` steps; after
+    each, whatever the solver archives is stacked outside the carry and handed back
+    to it at the end (see [`revdeq.AbstractSolver`][]).
+
     With `differentiable=True` the loop supports reverse-mode autodiff through
-    `equinox.internal.while_loop` with `checkpoints` recomputation checkpoints;
-    otherwise it is a plain `lax.while_loop`.
+    `equinox.internal.while_loop` with `checkpoints` recomputation checkpoints, in
+    one segment and with nothing archived; otherwise it is a plain
+    `lax.while_loop`.
     """
     aux_fn = AuxFn(fn)
     options = {"max_steps": max_steps}
@@ -62,29 +67,40 @@ def iterate(
     state = solver.init(aux_fn, z0, args, options, f_struct, None, tags)
     init = (jnp.array(0), z0, state, jnp.array(False), RESULTS.successful)
 
-    def cond(carry):
-        step, _, _, done, _ = carry
-        return ~done & (step < max_steps)
-
     def body(carry):
         step, z, state, _, _ = carry
         z, state, _ = solver.step(aux_fn, z, args, options, state, tags)
         done, result = solver.terminate(aux_fn, z, args, options, state, tags)
         return step + 1, z, state, done, RESULTS.promote(result)
 
+    def below(limit):
+        def cond(carry):
+            step, _, _, done, _ = carry
+            return ~done & (step < limit)
+
+        return cond
+
     if differentiable:
         final = eqxi.while_loop(
-            cond,
+            below(max_steps),
             body,
             init,
             max_steps=max_steps,
             kind="checkpointed",
             checkpoints=checkpoints,
         )
+        archived = None
     else:
-        final = jax.lax.while_loop(cond, body, init)
+        length = solver.segment_length(max_steps)
+
+        def segment(carry, index):
+            limit = jnp.minimum((index + 1) * length, max_steps)
+            carry = jax.lax.while_loop(below(limit), body, carry)
+            return carry, solver.archive(carry[2])
+
+        num_segments = -(-max_steps // length)
+        final, archived = jax.lax.scan(segment, init, jnp.arange(num_segments))
     num_steps, z, state, done, result = final
-    progress = state.progress
-    result = RESULTS.where(progress.in_range, result, RESULTS.state_out_of_range)
     result = RESULTS.where(done, result, RESULTS.max_steps_reached)
+    state, result = solver.finish(state, archived, result)
     return Iteration(z, state, num_steps, result)

@@ -15,14 +15,13 @@ bits live:
 """
 
 import abc
-import math
 from fractions import Fraction
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import Array, Bool, Float, Int, PyTree, UInt16
+from jaxtyping import Array, Bool, Float, Int, PyTree, UInt32
 
 from ._custom_types import Y
 
@@ -35,16 +34,36 @@ class AbstractPrecision(eqx.Module):
         return beta
 
     @abc.abstractmethod
-    def encode(self, z0: Y, fz0: Y, beta: float, max_steps: int) -> PyTree:
+    def encode(self, z0: Y, fz0: Y, beta: float) -> PyTree:
         """The representation of `z0`, given its image `fz0 = f(z0)`."""
 
     @abc.abstractmethod
-    def forward(self, state: PyTree, fval: Y, beta: float) -> PyTree:
-        """`(1 − β)·state + β·fval`."""
+    def segment_length(self, beta: float, max_steps: int) -> int:
+        """How many steps the driver runs between calls to `archive`."""
 
     @abc.abstractmethod
-    def reverse(self, state: PyTree, fval: Y, beta: float) -> PyTree:
-        """The inverse of `forward`: `(state − β·fval) / (1 − β)`."""
+    def archive(self, state: PyTree) -> PyTree:
+        """What to set aside at the end of a segment; the driver stacks it."""
+
+    @abc.abstractmethod
+    def restore(self, state: PyTree, archived: PyTree) -> PyTree:
+        """The final state joined with its stacked archive, ready to reverse."""
+
+    @abc.abstractmethod
+    def forward(
+        self, state: PyTree, fval: Y, beta: float, step: Int[Array, ""]
+    ) -> PyTree:
+        """`(1 − β)·state + β·fval`, as the `step`-th update (from 0) of `state`."""
+
+    @abc.abstractmethod
+    def reverse(
+        self, state: PyTree, fval: Y, beta: float, step: Int[Array, ""]
+    ) -> PyTree:
+        """The inverse of the `step`-th `forward`: `(state − β·fval) / (1 − β)`.
+
+        The step is an argument rather than part of `state`, so that a batched
+        reverse loop can share one unbatched counter across its samples.
+        """
 
     @abc.abstractmethod
     def decode(self, state: PyTree) -> Y:
@@ -52,7 +71,12 @@ class AbstractPrecision(eqx.Module):
 
     @abc.abstractmethod
     def in_range(self, state: PyTree) -> Bool[Array, ""]:
-        """Whether the representation still holds the state faithfully."""
+        """Whether the representation has held the state faithfully so far.
+
+        Asked once, after the loop. A state that leaves its range must also decode
+        to NaN, so that the loop stops on a non-finite residual without a reduction
+        in every step.
+        """
 
 
 class _FloatCarrier(eqx.Module):
@@ -97,8 +121,8 @@ class FloatState(AbstractPrecision):
                     "`ExactState()`, which is exact in float32."
                 )
 
-    def encode(self, z0, fz0, beta, max_steps):
-        del fz0, beta, max_steps
+    def encode(self, z0, fz0, beta):
+        del fz0, beta
         leaves, treedef = jtu.tree_flatten(z0)
         dtypes = tuple(leaf.dtype for leaf in leaves)
         value = (
@@ -108,7 +132,20 @@ class FloatState(AbstractPrecision):
         )
         return _FloatCarrier(value, dtypes)
 
-    def forward(self, state, fval, beta):
+    def segment_length(self, beta, max_steps):
+        del beta
+        return max_steps
+
+    def archive(self, state):
+        del state
+        return None
+
+    def restore(self, state, archived):
+        del archived
+        return state
+
+    def forward(self, state, fval, beta, step):
+        del step
         new = jtu.tree_map(
             lambda s, f: ((1 - beta) * s + beta * f.astype(s.dtype)).astype(s.dtype),
             state.value,
@@ -116,7 +153,8 @@ class FloatState(AbstractPrecision):
         )
         return _FloatCarrier(new, state.dtypes)
 
-    def reverse(self, state, fval, beta):
+    def reverse(self, state, fval, beta, step):
+        del step
         new = jtu.tree_map(
             lambda s, f: ((s - beta * f.astype(s.dtype)) / (1 - beta)).astype(s.dtype),
             state.value,
@@ -135,86 +173,83 @@ class FloatState(AbstractPrecision):
         return jnp.array(True)
 
 
-_WORD_BITS = 16
-_WORD_MASK = (1 << _WORD_BITS) - 1
 # Bits of headroom above the initial bound on the state's magnitude.
 _HEADROOM_BITS = 6
-# The buffer's head stays in [low, low · 2^16) with `low ≤ 2^15`, and must be a
-# multiple of both n and d: hence `n · d ≤ 2^15`.
-_MAX_HEAD_LOW = 1 << 15
+# `c ≈ ±n/d` with `n · d` at most this: exact for the usual `β`, and at least two
+# updates fit in each buffer word.
+_MAX_RATIONAL = 1 << 15
+_WORD_LIMIT = 1 << 32
 
 
 def _rational(c: float) -> tuple[int, int, int]:
     """`c ≈ sign · n / d`: the best rational with `n · d ≤ 2**15`. Exact for the usual
     `β` (0.5, 0.8, 0.9, 1.2, ...)."""
-    limit = _MAX_HEAD_LOW
+    limit = _MAX_RATIONAL
     while True:
         frac = Fraction(abs(c)).limit_denominator(limit)
-        if frac.numerator * frac.denominator <= _MAX_HEAD_LOW:
+        if frac.numerator * frac.denominator <= _MAX_RATIONAL:
             return (1 if c > 0 else -1), frac.numerator, frac.denominator
         limit //= 2
 
 
-def _head_low(n: int, d: int) -> int:
-    lcm = n * d // math.gcd(n, d)
-    return lcm * (_MAX_HEAD_LOW // lcm)
-
-
-def _num_words(beta: float, max_steps: int) -> int:
-    _, n, d = _rational(1 - beta)
-    return math.ceil(max_steps * math.log2(d / n) / _WORD_BITS) + 2
+def _updates_per_word(n: int, d: int) -> int:
+    """How many updates `h ← (h·d + a) // n` (with `a < d`) a head that starts at 0
+    takes before the next could exceed 32 bits."""
+    bound, updates = 0, 0
+    while bound * d + d - 1 < _WORD_LIMIT:
+        bound = (bound * d + d - 1) // n
+        updates += 1
+    return updates
 
 
 class _Buffer(eqx.Module):
-    """A per-element stack of 16-bit words under a head in `[low, low · 2^16)`.
+    """Per-element digits, packed into 32-bit words on a fixed schedule.
 
-    Pushing a digit in base `m` multiplies the head by `m`, spilling one word to the
-    stack first when that would overflow; popping divides and refills. This is
-    range-variant ANS coding with a uniform distribution (Duda, 2009): pushes and pops
-    are exact inverses, and each costs O(1) per element. Words below the bottom of
-    the stack read as zero.
+    An update pushes a digit in base `d` into the head and pops one in base `n` back
+    out, `h ← h·d + a; r = h mod n; h ← h // n`: a bijection between `(h, a)` and
+    `(h, r)`. The head starts afresh at zero every `per_word` updates, as many as
+    keep it below `2^32`, and the driver archives it at the end of each word (one
+    segment of the loop). Every element so changes word at the same update, and a
+    word is addressed by the update count alone: it is read back as one slice, with
+    no per-element gather.
     """
 
-    head: Int[Array, "..."]
-    words: UInt16[Array, "words ..."]
-    top: Int[Array, "..."]
+    head: UInt32[Array, "..."]
+    # The archived heads, one per word; `None` until the loop has ended.
+    words: UInt32[Array, "words ..."] | None = None
 
 
-def _push(buffer: _Buffer, digit, base: int, low: int) -> tuple[_Buffer, Array]:
-    """Push `digit ∈ [0, base)`; also returns whether the stack overflowed."""
-    if base == 1:  # nothing to push: c = 1/d for the usual β
-        return buffer, jnp.array(False)
-    spill = buffer.head >= (low // base) << _WORD_BITS
-    index = jnp.clip(buffer.top, 0, buffer.words.shape[0] - 1)[None]
-    kept = jnp.take_along_axis(buffer.words, index, axis=0)[0]
-    word = jnp.where(spill, buffer.head & _WORD_MASK, kept).astype(kept.dtype)
-    words = jnp.put_along_axis(buffer.words, index, word[None], axis=0, inplace=False)
-    head = jnp.where(spill, buffer.head >> _WORD_BITS, buffer.head) * base + digit
-    top = buffer.top + spill
-    overflow = jnp.any(top > buffer.words.shape[0])
-    return _Buffer(head, words, top), overflow
+def _update(buffer: _Buffer, digit, d: int, n: int, step) -> tuple[_Buffer, Array]:
+    """The `step`-th update: push `digit ∈ [0, d)` and pop a digit in `[0, n)`."""
+    fresh = step % _updates_per_word(n, d) == 0
+    head = jnp.where(fresh, 0, buffer.head) * d + digit.astype(jnp.uint32)
+    if n == 1:
+        return _Buffer(head), jnp.zeros_like(head)
+    return _Buffer(head // n), head % n
 
 
-def _pop(buffer: _Buffer, base: int, low: int) -> tuple[_Buffer, Array]:
-    """Pop a digit in `[0, base)`."""
-    if base == 1:
-        return buffer, jnp.zeros_like(buffer.head)
-    digit = buffer.head % base
-    head = buffer.head // base
-    refill = head < low
-    index = jnp.clip(buffer.top - 1, 0, buffer.words.shape[0] - 1)
-    word = jnp.take_along_axis(buffer.words, index[None], axis=0)[0]
-    word = jnp.where(buffer.top > 0, word.astype(head.dtype), 0)
-    head = jnp.where(refill, (head << _WORD_BITS) | word, head)
-    return _Buffer(head, buffer.words, buffer.top - refill), digit
+def _undo(buffer: _Buffer, rem, d: int, n: int, step) -> tuple[_Buffer, Array]:
+    """The inverse of the `step`-th `_update`: push back `rem`, and return the digit
+    it took."""
+    per_word = _updates_per_word(n, d)
+    # Undoing the last update of a word starts from the head archived after it.
+    archived = jax.lax.dynamic_index_in_dim(
+        buffer.words, step // per_word, 0, keepdims=False
+    )
+    head = jnp.where(step % per_word == per_word - 1, archived, buffer.head)
+    head = head * n + rem.astype(jnp.uint32)
+    return _Buffer(head // d, buffer.words), head % d
 
 
 class _ExactLeaf(eqx.Module):
+    # The state times `2^e`, or a sentinel (below `−2^bits`) once it has left its
+    # range or met a non-finite `f`.
     ints: Int[Array, "..."]
     buffer: _Buffer
     exponent: Int[Array, ""]
+    # `ints · 2^-e` in the dtype of `z0`, NaN where `ints` is a sentinel: a lost
+    # state stops the loop through its non-finite residual.
     value: Float[Array, "..."]
-    ok: Bool[Array, ""]
 
 
 class ExactState(AbstractPrecision):
@@ -261,61 +296,72 @@ class ExactState(AbstractPrecision):
         sign, n, d = _rational(1 - beta)
         return 1 - sign * n / d
 
-    def encode(self, z0, fz0, beta, max_steps):
-        _, n, d = _rational(1 - beta)
+    def encode(self, z0, fz0, beta):
         bound = max(1.0, abs(beta) / (1 - abs(1 - beta)))
-        num_words = _num_words(beta, max_steps)
-        low = _head_low(n, d)
 
         # One scale for all leaves: a leaf that starts at zero may grow like the rest.
         magnitude = jnp.maximum(_max_abs(z0), bound * _max_abs(fz0))
         top = jnp.ceil(jnp.log2(jnp.maximum(magnitude, 1e-30))).astype(jnp.int32)
 
         def leaf(z, f):
-            int_dtype, float_dtype, bits = _fixed_point_format(z.dtype)
+            int_dtype, _, bits = _fixed_point_format(z.dtype)
             exponent = jnp.clip(bits - 1 - _HEADROOM_BITS - top, -120, 120)
             ints = jnp.round(_scale(z, exponent)).astype(int_dtype)
-            buffer = _Buffer(
-                jnp.full(z.shape, low, jnp.int32),
-                jnp.zeros((num_words, *z.shape), jnp.uint16),
-                jnp.zeros(z.shape, jnp.int32),
-            )
             value = _straight_through(_unscale(ints, exponent, z.dtype), z)
-            return _ExactLeaf(ints, buffer, exponent, value, jnp.array(True))
+            return _ExactLeaf(
+                ints, _Buffer(jnp.zeros(z.shape, jnp.uint32)), exponent, value
+            )
 
         return jtu.tree_map(leaf, z0, fz0)
 
-    def forward(self, state, fval, beta):
+    def segment_length(self, beta, max_steps):
+        _, n, d = _rational(1 - beta)
+        return min(max_steps, _updates_per_word(n, d))
+
+    def archive(self, state):
+        return jtu.tree_map(lambda s: s.buffer.head, state, is_leaf=_is_exact_leaf)
+
+    def restore(self, state, archived):
+        def leaf(s: _ExactLeaf, words):
+            buffer = _Buffer(s.buffer.head, words)
+            return _ExactLeaf(s.ints, buffer, s.exponent, s.value)
+
+        return jtu.tree_map(leaf, state, archived, is_leaf=_is_exact_leaf)
+
+    def forward(self, state, fval, beta, step):
         sign, n, d = _rational(1 - beta)
-        low = _head_low(n, d)
 
         def leaf(s: _ExactLeaf, f):
-            _, _, bits = _fixed_point_format(s.value.dtype)
-            digit = (s.ints % d).astype(jnp.int32)
-            buffer, overflow_push = _push(s.buffer, digit, d, low)
-            buffer, rem = _pop(buffer, n, low)
-            injection, injection_ok = _injection(f, beta, s.exponent)
-            ints = sign * ((s.ints // d) * n + rem.astype(s.ints.dtype)) + injection
+            _, _, bits = _fixed_point_format(s.ints.dtype)
+            quotient, digit = _floor_divmod(s.ints, d, bits)
+            buffer, rem = _update(s.buffer, digit, d, n, step)
+            injection, fits = _injection(f, beta, s.exponent)
+            ints = sign * (quotient * n + rem.astype(s.ints.dtype)) + injection
+            out_of_range, nonfinite = _sentinels(ints.dtype)
+            lost = jnp.where(jnp.isfinite(f), out_of_range, nonfinite)
+            ints = jnp.where(fits, ints, lost.astype(ints.dtype))
+            ints = jnp.where(s.ints < -(2**bits), s.ints, ints)  # sticky
+            exact = jnp.where(
+                ints < -(2**bits), jnp.nan, _unscale(ints, s.exponent, s.value.dtype)
+            )
             linear = (1 - beta) * s.value + beta * f.astype(s.value.dtype)
-            value = _straight_through(_unscale(ints, s.exponent, s.value.dtype), linear)
-            in_range = jnp.all(jnp.abs(ints) < (1 << bits))
-            ok = s.ok & ~overflow_push & injection_ok & in_range
-            return _ExactLeaf(ints, buffer, s.exponent, value, ok)
+            return _ExactLeaf(
+                ints, buffer, s.exponent, _straight_through(exact, linear)
+            )
 
         return jtu.tree_map(leaf, state, fval, is_leaf=_is_exact_leaf)
 
-    def reverse(self, state, fval, beta):
+    def reverse(self, state, fval, beta, step):
         sign, n, d = _rational(1 - beta)
-        low = _head_low(n, d)
 
         def leaf(s: _ExactLeaf, f):
+            _, _, bits = _fixed_point_format(s.ints.dtype)
             ints = sign * (s.ints - _injection(f, beta, s.exponent)[0])
-            digit = (ints % n).astype(jnp.int32)
-            buffer, overflow_push = _push(s.buffer, digit, n, low)
-            buffer, rem = _pop(buffer, d, low)
-            ints = (ints // n) * d + rem.astype(ints.dtype)
+            quotient, rem = _floor_divmod(ints, n, bits)
+            buffer, digit = _undo(s.buffer, rem, d, n, step)
+            ints = quotient * d + digit.astype(ints.dtype)
             value = _unscale(ints, s.exponent, s.value.dtype)
-            return _ExactLeaf(ints, buffer, s.exponent, value, s.ok & ~overflow_push)
+            return _ExactLeaf(ints, buffer, s.exponent, value)
 
         return jtu.tree_map(leaf, state, fval, is_leaf=_is_exact_leaf)
 
@@ -323,8 +369,16 @@ class ExactState(AbstractPrecision):
         return jtu.tree_map(lambda s: s.value, state, is_leaf=_is_exact_leaf)
 
     def in_range(self, state):
-        oks = [s.ok for s in jtu.tree_leaves(state, is_leaf=_is_exact_leaf)]
-        return jnp.all(jnp.stack(oks))
+        leaves = jtu.tree_leaves(state, is_leaf=_is_exact_leaf)
+        lost = [s.ints == _sentinels(s.ints.dtype)[0] for s in leaves]
+        return ~jnp.any(jnp.stack([jnp.any(x) for x in lost]))
+
+
+def _sentinels(int_dtype) -> tuple[int, int]:
+    """The values of a state that left its range and of one that met a non-finite
+    `f`; every valid state lies within `±2^bits`, far above them."""
+    lowest = int(jnp.iinfo(int_dtype).min)
+    return lowest, lowest + 1
 
 
 def _max_abs(tree) -> Float[Array, ""]:
@@ -350,6 +404,19 @@ def _fixed_point_format(dtype) -> tuple[jnp.dtype, jnp.dtype, int]:
     return jnp.dtype(jnp.int32), jnp.dtype(jnp.float32), 30
 
 
+def _floor_divmod(ints, divisor: int, bits: int) -> tuple[Array, Array]:
+    """`(ints // divisor, ints % divisor)` for `|ints| < 2^bits`, through unsigned
+    division: shifted up by a multiple of `divisor`, the dividend is never
+    negative, so there are no sign corrections to make."""
+    if divisor == 1:
+        return ints, jnp.zeros_like(ints)
+    unsigned = jnp.uint64 if ints.dtype == jnp.int64 else jnp.uint32
+    shift = -(-(2**bits) // divisor)
+    u = ints.astype(unsigned) + unsigned(shift * divisor)  # wraps into [0, 2^(bits+2))
+    quotient = (u // unsigned(divisor)).astype(ints.dtype) - shift
+    return quotient, (u % unsigned(divisor)).astype(ints.dtype)
+
+
 def _scale(x, exponent):
     _, float_dtype, _ = _fixed_point_format(x.dtype)
     return x.astype(float_dtype) * jnp.exp2(exponent.astype(float_dtype))
@@ -362,15 +429,30 @@ def _unscale(ints, exponent, dtype):
 
 
 def _injection(f, beta, exponent):
-    """`round(β·f·2^e)`, the same integer whenever `f` has the same bits, and whether
-    it fits."""
+    """`round(β·f·2^e)`, the same integer whenever `f` has the same bits, and where it
+    fits.
+
+    An injection below `(1 − |c|)·2^(bits − 1)` keeps `|c·Y + injection|` below
+    `2^bits` whenever `|Y|` is, so the state never leaves its range unnoticed.
+    """
     int_dtype, float_dtype, bits = _fixed_point_format(f.dtype)
     beta_f = (beta * jax.lax.stop_gradient(f).astype(float_dtype)).astype(f.dtype)
     scaled = jnp.round(_scale(beta_f, exponent))
-    fits = jnp.all(jnp.abs(scaled) < 2.0**bits)
-    return scaled.astype(int_dtype), fits
+    fits = jnp.abs(scaled) < (1 - abs(1 - beta)) * 2.0 ** (bits - 1)
+    return jnp.where(fits, scaled, 0).astype(int_dtype), fits
 
 
+@jax.custom_jvp
 def _straight_through(exact, linear):
-    """The value of `exact` with the derivative of `linear`, for unrolled autodiff."""
-    return jax.lax.stop_gradient(exact) + (linear - jax.lax.stop_gradient(linear))
+    """The value of `exact` with the derivative of `linear`, for unrolled autodiff.
+
+    Without differentiation `linear` is unused, and so never computed."""
+    del linear
+    return exact
+
+
+@_straight_through.defjvp
+def _straight_through_jvp(primals, tangents):
+    exact, _ = primals
+    _, linear_dot = tangents
+    return exact, linear_dot

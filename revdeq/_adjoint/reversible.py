@@ -145,35 +145,42 @@ def _reverse_loop(solver: Reversible, static, dynamic, axis_size, batched):
     def vjp_at(point):
         return jax.vjp(lambda d, p: evaluate(d, p, nondiff), diff, point)
 
+    def reverse(states, fval, step):
+        return lift(lambda s, f: precision.reverse(s, f, beta, step))(states, fval)
+
     def cond(carry):
-        return jnp.any(carry[0] > 0)
+        return carry[0] > 0
 
     def body(carry):
-        n, ys, zs, ybar, zbar, grads = carry
+        # One counter for the whole batch: sample `i` undoes step `k − 1` once
+        # `k ≤ num_steps[i]`, so every sample addresses its buffers alike.
+        k, ys, zs, ybar, zbar, grads = carry
+        step = k - 1
         # Unbatched, the loop condition already says the step is active.
-        active = True if axis_size is None else n > 0
+        active = True if axis_size is None else step < num_steps
         # zₙ₊₁ = c·zₙ + β·f(yₙ₊₁)
         fy, vjp_y = vjp_at(lift(precision.decode)(ys))
-        new_zs = lift(lambda s, f: precision.reverse(s, f, beta))(zs, fy)
+        new_zs = reverse(zs, fy, step)
         dgrads, dy = vjp_y(select(active, tree_scale(beta, zbar), None))
         ybar = jtu.tree_map(jnp.add, ybar, dy)
         grads = jtu.tree_map(jnp.add, grads, dgrads)
         zs = select(active, new_zs, zs)
         zbar = select(active, tree_scale(c, zbar), zbar)
-        # yₙ₊₁ = c·yₙ + β·f(zₙ); at n = 1, zₙ is the true z₀ that f saw.
-        point = select(n == 1, z0, lift(precision.decode)(zs))
+        # yₙ₊₁ = c·yₙ + β·f(zₙ); at the first step, zₙ is the true z₀ that f saw.
+        point = _select_unbatched(step == 0, z0, lift(precision.decode)(zs))
         fz, vjp_z = vjp_at(point)
-        new_ys = lift(lambda s, f: precision.reverse(s, f, beta))(ys, fz)
+        new_ys = reverse(ys, fz, step)
         dgrads, dz = vjp_z(select(active, tree_scale(beta, ybar), None))
         zbar = jtu.tree_map(jnp.add, zbar, dz)
         grads = jtu.tree_map(jnp.add, grads, dgrads)
         ys = select(active, new_ys, ys)
         ybar = select(active, tree_scale(c, ybar), ybar)
-        return n - 1, ys, zs, ybar, zbar, grads
+        return k - 1, ys, zs, ybar, zbar, grads
 
     grads = jtu.tree_map(jnp.zeros_like, diff)
     ybar = jtu.tree_map(jnp.zeros_like, cotangent)
-    init = (num_steps, final_state.y, final_state.z, ybar, cotangent, grads)
+    k = jnp.max(num_steps)
+    init = (k, final_state.y, final_state.z, ybar, cotangent, grads)
     _, ys, zs, ybar, zbar, grads = jax.lax.while_loop(cond, body, init)
     z0_grad = jtu.tree_map(jnp.add, ybar, zbar)
     decode = lift(precision.decode)

@@ -6,7 +6,13 @@ import optimistix as optx
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
-from .base import AbstractSolver, ConvergenceState, check_tolerances, no_progress
+from .base import (
+    AbstractSolver,
+    ConvergenceState,
+    Unsegmented,
+    check_tolerances,
+    no_progress,
+)
 
 
 class _AndersonState(eqx.Module):
@@ -16,7 +22,7 @@ class _AndersonState(eqx.Module):
     progress: ConvergenceState
 
 
-class Anderson(AbstractSolver):
+class Anderson(Unsegmented, AbstractSolver):
     """Anderson acceleration (type II) over the joint state of all pytree leaves.
 
     Keeps the last `history` pairs `(z_i, g_i = f(z_i) − z_i)` and steps to

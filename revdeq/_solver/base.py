@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
+from .._solution import RESULTS
 from .._tree import relative_residual, tree_sub
 
 
@@ -22,15 +23,11 @@ class ConvergenceState(eqx.Module):
     best_error: Scalar
     converged: Bool[Array, ""]
     num_fn_evals: Int[Array, ""]
-    # False once the solver's state representation no longer holds the iterate.
-    in_range: Bool[Array, ""]
 
 
 def no_progress(dtype) -> ConvergenceState:
     inf = jnp.array(jnp.inf, dtype)
-    return ConvergenceState(
-        inf, inf, inf, jnp.array(False), jnp.array(0), jnp.array(True)
-    )
+    return ConvergenceState(inf, inf, inf, jnp.array(False), jnp.array(0))
 
 
 def check_tolerances(solver) -> None:
@@ -53,7 +50,7 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
     norm: eqx.AbstractVar[Callable[[PyTree], Scalar]]
 
     def progress(
-        self, fz, z, previous: ConvergenceState, new_evals, in_range=True
+        self, fz, z, previous: ConvergenceState, new_evals
     ) -> ConvergenceState:
         """Convergence bookkeeping for the iterate `z` whose image `fz` is known."""
         error = self.norm(tree_sub(fz, z))
@@ -64,14 +61,13 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
             jnp.minimum(previous.best_error, error),
             converged,
             previous.num_fn_evals + new_evals,
-            jnp.asarray(in_range),
         )
 
     def terminate(self, fn, y, args, options, state, tags):
         del fn, y, args, options, tags
         p = state.progress
         finite = jnp.isfinite(p.error) | (p.num_fn_evals == 0)
-        diverged = (p.error > _DIVERGENCE_FACTOR * p.best_error) | ~p.in_range
+        diverged = p.error > _DIVERGENCE_FACTOR * p.best_error
         result = optx.RESULTS.where(
             finite,
             optx.RESULTS.where(
@@ -90,3 +86,37 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
 
     @abc.abstractmethod
     def step(self, fn, y, args, options, state, tags) -> tuple[Any, Any, Any]: ...
+
+    @abc.abstractmethod
+    def segment_length(self, max_steps: int) -> int:
+        """The driver runs the loop in segments of this many steps, and after each
+        one stacks what `archive` sets aside from the state."""
+
+    @abc.abstractmethod
+    def archive(self, state) -> PyTree:
+        """What to set aside from `state` at the end of a segment.
+
+        Data that only grows, kept outside the loop's carry: under `vmap` a batched
+        loop selects between old and new carries in every step, at a cost that
+        would grow with the data.
+        """
+
+    @abc.abstractmethod
+    def finish(self, state, archived: PyTree, result: RESULTS) -> tuple[Any, RESULTS]:
+        """The final state, given the stacked archive (`None` when the loop was not
+        segmented), and the result to report for a loop that ended with `result`."""
+
+
+class Unsegmented(eqx.Module):
+    """The segment protocol of a solver that sets nothing aside: one segment."""
+
+    def segment_length(self, max_steps: int) -> int:
+        return max_steps
+
+    def archive(self, state) -> None:
+        del state
+        return None
+
+    def finish(self, state, archived, result):
+        del archived
+        return state, result

@@ -6,7 +6,13 @@ import optimistix as optx
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
-from .base import AbstractSolver, ConvergenceState, check_tolerances, no_progress
+from .base import (
+    AbstractSolver,
+    ConvergenceState,
+    Unsegmented,
+    check_tolerances,
+    no_progress,
+)
 
 
 class _BroydenState(eqx.Module):
@@ -17,7 +23,7 @@ class _BroydenState(eqx.Module):
     progress: ConvergenceState
 
 
-class Broyden(AbstractSolver):
+class Broyden(Unsegmented, AbstractSolver):
     """Limited-memory ("good") Broyden's method on `g(z) = f(z) − z = 0`.
 
     Keeps the inverse Jacobian of `g` as `H = −I + Σ u_i v_iᵀ` with the last `history`

@@ -5,14 +5,20 @@ import optimistix as optx
 from jaxtyping import PyTree, Scalar
 
 from .._tree import tree_dtype, tree_lerp
-from .base import AbstractSolver, ConvergenceState, check_tolerances, no_progress
+from .base import (
+    AbstractSolver,
+    ConvergenceState,
+    Unsegmented,
+    check_tolerances,
+    no_progress,
+)
 
 
 class _FixedPointState(eqx.Module):
     progress: ConvergenceState
 
 
-class FixedPointIteration(AbstractSolver):
+class FixedPointIteration(Unsegmented, AbstractSolver):
     """Damped fixed-point iteration `z ← (1 − damping) z + damping f(z)`.
 
     One evaluation of `f` per step. Simple and robust for contractive cells; prefer

@@ -1,10 +1,12 @@
 from collections.abc import Callable
 
 import equinox as eqx
+import jax.numpy as jnp
 import optimistix as optx
-from jaxtyping import PyTree, Scalar
+from jaxtyping import Array, Int, PyTree, Scalar
 
 from .._precision import AbstractPrecision, ExactState
+from .._solution import RESULTS
 from .._tree import tree_dtype
 from .base import AbstractSolver, ConvergenceState, check_tolerances, no_progress
 
@@ -15,6 +17,7 @@ class _ReversibleState(eqx.Module):
     fz: PyTree
     # The encoded z₀, against which the certificate checks the rebuilt one.
     start: PyTree
+    num_steps: Int[Array, ""]
     progress: ConvergenceState
 
 
@@ -81,24 +84,40 @@ class Reversible(AbstractSolver):
         return self.precision.representable_beta(self.beta)
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
-        del f_struct, aux_struct, tags
-        # `revdeq.solve` passes its `max_steps`; the default serves `optx.fixed_point`.
-        max_steps = options.get("max_steps", 256)
+        del options, f_struct, aux_struct, tags
         fz0, _ = fn(y, args)
-        state = self.precision.encode(y, fz0, self.relaxation, max_steps)
+        state = self.precision.encode(y, fz0, self.relaxation)
         # The first step uses f at the true z₀; the backward pass evaluates f there
         # too. The certificate compares against the encoded z₀.
         start = self.precision.decode(state)
         progress = self.progress(fz0, y, no_progress(tree_dtype(y)), 1)
-        return _ReversibleState(state, state, fz0, start, progress)
+        return _ReversibleState(state, state, fz0, start, jnp.array(0), progress)
 
     def step(self, fn, y, args, options, state, tags):
         del y, options, tags
-        ys = self.precision.forward(state.y, state.fz, self.relaxation)
+        beta, step = self.relaxation, state.num_steps
+        ys = self.precision.forward(state.y, state.fz, beta, step)
         fy, _ = fn(self.precision.decode(ys), args)
-        zs = self.precision.forward(state.z, fy, self.relaxation)
+        zs = self.precision.forward(state.z, fy, beta, step)
         z = self.precision.decode(zs)
         fz, aux = fn(z, args)
-        in_range = self.precision.in_range(ys) & self.precision.in_range(zs)
-        progress = self.progress(fz, z, state.progress, 2, in_range)
-        return z, _ReversibleState(ys, zs, fz, state.start, progress), aux
+        progress = self.progress(fz, z, state.progress, 2)
+        new_state = _ReversibleState(ys, zs, fz, state.start, step + 1, progress)
+        return z, new_state, aux
+
+    def segment_length(self, max_steps):
+        return self.precision.segment_length(self.relaxation, max_steps)
+
+    def archive(self, state):
+        return self.precision.archive(state.y), self.precision.archive(state.z)
+
+    def finish(self, state, archived, result):
+        if archived is not None:
+            y = self.precision.restore(state.y, archived[0])
+            z = self.precision.restore(state.z, archived[1])
+            state = _ReversibleState(
+                y, z, state.fz, state.start, state.num_steps, state.progress
+            )
+        # A state out of range decodes to NaN, so the loop has already stopped.
+        in_range = self.precision.in_range(state.y) & self.precision.in_range(state.z)
+        return state, RESULTS.where(in_range, result, RESULTS.state_out_of_range)

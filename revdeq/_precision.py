@@ -262,11 +262,14 @@ class ExactState(AbstractPrecision):
     best rational with `n · d ≤ 2^15`, exact for the usual `β`) is made invertible
     as in the information buffer of Maclaurin et al.: the digit `Y mod d` is pushed
     into a per-element buffer and `Y // d · n` takes a digit in base `n` back out.
-    The buffer is coded as in range-variant asymmetric numeral systems, so each push
-    and pop is O(1) work, and it grows by `log2(d/n) = log2(1/|c|)` bits per step:
-    the information limit, rounded up to whole 16-bit words. `f` still sees floats
-    of the dtype of `z0`, and its output enters the state as `round(β·f·2^e)`, a
-    deterministic function of `f`'s bits.
+    The buffer packs the digits of consecutive steps into 32-bit words in mixed
+    radix, with O(1) elementwise work per step and no gather or scatter. A word holds
+    `⌊32 / log2(d/n)⌋` steps (32 at `β = 0.5`, 13 at 0.8, 9 at 0.9), so the buffer
+    grows by 93–100% of the information limit, `log2(1/|c|)` bits per element per
+    step, rounded up to whole words. Completed words are kept outside the loop's
+    carry, so a batched loop does not copy them at every step. `f` still sees
+    floats of the dtype of `z0`, and its output enters the state as
+    `round(β·f·2^e)`, a deterministic function of `f`'s bits.
 
     The reconstruction is exact whatever `β`, dtype or number of steps, as long as
     `f` returns the same bits when re-evaluated on the same input, and the state stays

@@ -1,6 +1,11 @@
 """Exact reversal at working precision: `ExactState` against float64 truths."""
 
 import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import equinox as eqx
 import jax
@@ -53,6 +58,57 @@ def test_exact_state_reconstructs_bit_for_bit(getkey, beta):
         cell, z0s[0], xs[0], solver=solver, max_steps=100
     )
     assert drift == 0
+
+
+@pytest.mark.parametrize(
+    "beta, steps",
+    # A buffer word holds 9 steps at beta = 0.9 and 13 at 0.8: end inside a word,
+    # on its last step, and on the first step of the next.
+    [(0.9, 1), (0.9, 8), (0.9, 9), (0.9, 10), (0.9, 27), (0.8, 13), (0.8, 14)],
+)
+def test_exact_state_reconstructs_across_buffer_words(getkey, beta, steps):
+    cell, z0s, xs = _float32_problem(getkey())
+    solver = revdeq.Reversible(beta=beta, rtol=0, atol=0)
+    drift = revdeq.reconstruction_error(
+        cell, z0s[0], xs[0], solver=solver, max_steps=steps
+    )
+    assert drift == 0
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.9])
+def test_batched_samples_stopping_at_different_steps(getkey, beta):
+    # Inputs of different sizes converge after different numbers of steps, spread
+    # over several buffer words; the batched reverse loop must undo each sample's
+    # own steps only.
+    cell, z0s, xs = _float32_problem(getkey(), batch=6)
+    xs = xs * jnp.array([0.1, 0.5, 1.0, 2.0, 4.0, 8.0])[:, None]
+    solver = revdeq.Reversible(beta=beta, rtol=1e-5, atol=0)
+    max_steps = 60
+
+    sols = jax.vmap(
+        lambda z0, x: revdeq.solve(cell, z0, x, solver=solver, max_steps=max_steps)
+    )(z0s, xs)
+    num_steps = np.asarray(sols.stats["num_steps"])
+    assert len(set(num_steps.tolist())) >= 4 and num_steps.max() < max_steps
+
+    drift = jax.vmap(
+        lambda z0, x: revdeq.reconstruction_error(
+            cell, z0, x, solver=solver, max_steps=max_steps
+        )
+    )(z0s, xs)
+    assert np.all(np.asarray(drift) == 0)
+
+    def with_adjoint(adjoint):
+        def single(c, z0, x):
+            return revdeq.solve(
+                c, z0, x, solver=solver, adjoint=adjoint, max_steps=max_steps
+            ).value
+
+        return _batch_grad(single, cell, z0s, xs)
+
+    reversible = with_adjoint(revdeq.ReversibleAdjoint())
+    unrolled = with_adjoint(revdeq.UnrolledAdjoint())
+    assert relative_error(reversible, unrolled) <= 1e-5
 
 
 def test_float32_state_drifts_where_exact_state_does_not(getkey):
@@ -108,13 +164,68 @@ def test_bfloat16_compute(getkey):
     # computations round differently in bfloat16, so only agreement to bf16 level.
     loop = functools.partial(plain_reversible_loop, beta=0.8, steps=12)
     assert relative_error(reversible, _batch_grad(loop, cell, z0s, xs)) <= 5e-2
-    # XLA:CPU computes bfloat16 arithmetic in float32 and rounds where its fusions
-    # end, which can differ between the forward loop and the backward VJP: the
-    # reconstruction is then close but not bit-exact, and the certificate sees it.
+    # By default XLA computes bfloat16 arithmetic in float32 and rounds where its
+    # fusions end, which can differ between the forward loop and the backward VJP:
+    # the reconstruction is then close but not bit-exact, and the certificate sees
+    # it. With excess precision off it is exact (the test below).
     drift = revdeq.reconstruction_error(
         cell, z0s[0], xs[0], solver=solver, max_steps=12
     )
     assert drift < 1e-2
+
+
+_BFLOAT16_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import jax, jax.numpy as jnp
+    import equinox as eqx
+    import revdeq
+    from helpers import TanhCell
+
+    class Bfloat16Cell(eqx.Module):
+        inner: TanhCell
+
+        def __call__(self, z, x):
+            low = jax.tree.map(lambda a: a.astype(jnp.bfloat16), (self.inner, z, x))
+            return low[0](low[1], low[2]).astype(z.dtype)
+
+    k1, k2 = jax.random.split(jax.random.key(0))
+    cell = Bfloat16Cell(TanhCell(32, key=k1, dtype=jnp.float32))
+    x = jax.random.normal(k2, (32,))
+    drifts = [
+        float(revdeq.reconstruction_error(
+            cell, jnp.zeros(32), x, max_steps=steps,
+            solver=revdeq.Reversible(beta=beta, rtol=0, atol=0),
+        ))
+        for beta in (0.5, 0.8, 0.9) for steps in (12, 40)
+    ]
+    print(json.dumps(drifts))
+    """
+)
+
+
+def test_bfloat16_compute_reverses_bit_for_bit_without_excess_precision():
+    # With XLA's excess precision off, every bfloat16 operation rounds where it is
+    # written, in the forward loop and in the backward VJPs alike.
+    tests = os.path.dirname(__file__)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_allow_excess_precision=false",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join(
+            [tests, os.path.dirname(tests), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", _BFLOAT16_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    drifts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert drifts == [0.0] * 6
 
 
 def test_unusual_beta_uses_the_nearest_reversible_one(getkey):

@@ -156,6 +156,30 @@ def test_exact_state_out_of_range_is_reported():
     )
 
 
+@pytest.mark.parametrize(
+    "jump, expected",
+    [
+        (1e6, revdeq.RESULTS.state_out_of_range),
+        (jnp.nan, revdeq.RESULTS.nonfinite),
+    ],
+)
+def test_exact_state_tells_range_errors_from_nonfinite_cells(jump, expected):
+    # f(z₀) sets the state's scale; once the state moves, f jumps far beyond it.
+    def cell(z, x):
+        return jnp.where(jnp.sum(jnp.abs(z)) > 0.1, jump * x, x)
+
+    sol = revdeq.solve(
+        cell,
+        jnp.zeros(2),
+        jnp.ones(2),
+        solver=revdeq.Reversible(rtol=0, atol=0),
+        max_steps=20,
+        throw=False,
+    )
+    assert sol.result == expected
+    assert sol.stats["num_steps"] < 20  # the lost state stopped the loop
+
+
 @pytest.mark.parametrize("beta", [0.0, 1.0, 2.0, -0.5, 2.5])
 def test_bad_beta(beta):
     with pytest.raises(ValueError, match="`beta`"):

@@ -43,6 +43,10 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
 
     Convergence is `rms(f(z) − z) < atol + rtol · rms(f(z))`; the strict inequality
     means `rtol = atol = 0` runs exactly `max_steps` steps.
+
+    Besides `init` and `step`, a solver declares how the driver segments its loop
+    (`segment_length`, `archive`, `finish`); one that sets nothing aside inherits
+    them from [`revdeq.internal.Unsegmented`][].
     """
 
     rtol: eqx.AbstractVar[float]
@@ -108,7 +112,15 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
 
 
 class Unsegmented(eqx.Module):
-    """The segment protocol of a solver that sets nothing aside: one segment."""
+    """The segment protocol of a solver that sets nothing aside: one segment.
+
+    !!! Example
+
+        ```python
+        class Picard(revdeq.internal.Unsegmented, revdeq.AbstractSolver):
+            ...  # init, step and the convergence fields, as FixedPointIteration
+        ```
+    """
 
     def segment_length(self, max_steps: int) -> int:
         return max_steps

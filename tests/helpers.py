@@ -1,5 +1,10 @@
 """Test problems and independent references for gradients."""
 
+import json
+import os
+import subprocess
+import sys
+
 import equinox as eqx
 import jax
 import jax.flatten_util
@@ -19,6 +24,29 @@ def relative_error(x, truth) -> float:
     num = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(xs, ts)))
     den = np.sqrt(sum(np.sum(b**2) for b in ts))
     return float(num / max(den, 1e-300))
+
+
+def run_script(script: str, xla_flags: str):
+    """Run `script` in a fresh Python with `XLA_FLAGS` set (flags that JAX reads only
+    at start-up), and return the JSON it prints on its last line."""
+    tests = os.path.dirname(__file__)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": xla_flags,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join(
+            [tests, os.path.dirname(tests), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def finite_difference_jvp(fn, primal, tangent, eps=1e-6):

@@ -1,10 +1,6 @@
 """Exact reversal at working precision: `ExactState` against float64 truths."""
 
 import functools
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import equinox as eqx
@@ -15,7 +11,7 @@ import pytest
 
 import revdeq
 
-from .helpers import TanhCell, plain_reversible_loop, relative_error
+from .helpers import TanhCell, plain_reversible_loop, relative_error, run_script
 
 
 def _float32_problem(key, dim=32, batch=4):
@@ -207,24 +203,7 @@ _BFLOAT16_SCRIPT = textwrap.dedent(
 def test_bfloat16_compute_reverses_bit_for_bit_without_excess_precision():
     # With XLA's excess precision off, every bfloat16 operation rounds where it is
     # written, in the forward loop and in the backward VJPs alike.
-    tests = os.path.dirname(__file__)
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_allow_excess_precision=false",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join(
-            [tests, os.path.dirname(tests), os.environ.get("PYTHONPATH", "")]
-        ),
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", _BFLOAT16_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    drifts = json.loads(result.stdout.strip().splitlines()[-1])
+    drifts = run_script(_BFLOAT16_SCRIPT, "--xla_allow_excess_precision=false")
     assert drifts == [0.0] * 6
 
 

@@ -1,7 +1,3 @@
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import equinox as eqx
@@ -257,27 +253,10 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent(
 
 
 def test_data_parallel_matches_single_device():
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join(
-            [
-                os.path.dirname(__file__),
-                os.path.dirname(os.path.dirname(__file__)),
-                os.environ.get("PYTHONPATH", ""),
-            ]
-        ),
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", _DATA_PARALLEL_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    # Imported here: the script imports this module as a top-level one.
+    from .helpers import run_script
+
+    out = run_script(_DATA_PARALLEL_SCRIPT, "--xla_force_host_platform_device_count=4")
     assert out["max_abs_diff"] < 1e-6
     assert out["replicated"]
     assert "divisible by the number of devices" in out["indivisible_error"]

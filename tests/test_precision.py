@@ -46,6 +46,34 @@ def test_exact_state_matches_float64_truth(getkey, beta, steps):
     assert relative_error(got, truth) <= 1e-5
 
 
+class _ConvCell(eqx.Module):
+    """`tanh(conv(z) + x)` on one `(C, H, W)` image."""
+
+    conv: eqx.nn.Conv2d
+
+    def __call__(self, z, x):
+        return jnp.tanh(self.conv(z) + x)
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.8])
+def test_exact_state_conv_cell_matches_float64_truth(getkey, beta):
+    conv = eqx.nn.Conv2d(4, 4, 3, padding=1, key=getkey())
+    cell = _ConvCell(eqx.tree_at(lambda c: c.weight, conv, 0.5 * conv.weight))
+    xs = jax.random.normal(getkey(), (3, 4, 8, 8))
+    z0s = jnp.zeros_like(xs)
+    solver = revdeq.Reversible(beta=beta, rtol=0, atol=0)
+
+    def ours(c, z0, x):
+        return revdeq.solve(c, z0, x, solver=solver, max_steps=32).value
+
+    got = _batch_grad(ours, cell, z0s, xs)
+    with jax.enable_x64(True):
+        as64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (cell, z0s, xs))
+        loop = functools.partial(plain_reversible_loop, beta=beta, steps=32)
+        truth = jax.tree.map(np.asarray, _batch_grad(loop, *as64))
+    assert relative_error(got, truth) <= 1e-5
+
+
 @pytest.mark.parametrize("beta", [0.5, 0.9, 1.2, 0.123])
 def test_exact_state_reconstructs_bit_for_bit(getkey, beta):
     cell, z0s, xs = _float32_problem(getkey())

@@ -58,10 +58,11 @@ def iterate(
     With `differentiable=True` the loop supports reverse-mode autodiff through
     `equinox.internal.while_loop` with `checkpoints` recomputation checkpoints, in
     one segment and with nothing archived; otherwise it is a plain
-    `lax.while_loop`.
+    `lax.while_loop`. Solvers see the flag as `options["differentiable"]`: one
+    built to be reversed keeps what autodiff needs only when it is needed.
     """
     aux_fn = AuxFn(fn)
-    options = {"max_steps": max_steps}
+    options = {"max_steps": max_steps, "differentiable": differentiable}
     tags = frozenset()
     f_struct = jax.eval_shape(lambda: z0)
     state = solver.init(aux_fn, z0, args, options, f_struct, None, tags)

@@ -21,9 +21,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import Array, Bool, Float, Int, PyTree, UInt32
+from jaxtyping import Array, Float, Int, PyTree, UInt32
 
 from ._custom_types import Y
+from ._solution import RESULTS
 
 
 class AbstractPrecision(eqx.Module):
@@ -34,8 +35,13 @@ class AbstractPrecision(eqx.Module):
         return beta
 
     @abc.abstractmethod
-    def encode(self, z0: Y, fz0: Y, beta: float) -> PyTree:
-        """The representation of `z0`, given its image `fz0 = f(z0)`."""
+    def encode(self, z0: Y, fz0: Y, beta: float, differentiable: bool) -> PyTree:
+        """The representation of `z0`, given its image `fz0 = f(z0)`.
+
+        With `differentiable=True` the loop is differentiated by autodiff (as by
+        [`revdeq.UnrolledAdjoint`][]), so the decoded values must carry the tangents
+        of the float iteration; otherwise the state is only ever reversed.
+        """
 
     @abc.abstractmethod
     def segment_length(self, beta: float, max_steps: int) -> int:
@@ -70,12 +76,10 @@ class AbstractPrecision(eqx.Module):
         """The value `f` sees, in the dtypes of `z0`."""
 
     @abc.abstractmethod
-    def in_range(self, state: PyTree) -> Bool[Array, ""]:
-        """Whether the representation has held the state faithfully so far.
-
-        Asked once, after the loop. A state that leaves its range must also decode
-        to NaN, so that the loop stops on a non-finite residual without a reduction
-        in every step.
+    def status(self, state: PyTree) -> RESULTS:
+        """`RESULTS.successful` while the representation holds `state` (a pytree of
+        states) faithfully, and otherwise why not. Asked after every step: the loop
+        stops on anything else.
         """
 
 
@@ -121,8 +125,8 @@ class FloatState(AbstractPrecision):
                     "`ExactState()`, which is exact in float32."
                 )
 
-    def encode(self, z0, fz0, beta):
-        del fz0, beta
+    def encode(self, z0, fz0, beta, differentiable):
+        del fz0, beta, differentiable
         leaves, treedef = jtu.tree_flatten(z0)
         dtypes = tuple(leaf.dtype for leaf in leaves)
         value = (
@@ -168,9 +172,9 @@ class FloatState(AbstractPrecision):
             treedef, [x.astype(d) for x, d in zip(leaves, state.dtypes)]
         )
 
-    def in_range(self, state):
+    def status(self, state):
         del state
-        return jnp.array(True)
+        return RESULTS.successful
 
 
 # Bits of headroom above the initial bound on the state's magnitude.
@@ -242,14 +246,17 @@ def _undo(buffer: _Buffer, rem, d: int, n: int, step) -> tuple[_Buffer, Array]:
 
 
 class _ExactLeaf(eqx.Module):
-    # The state times `2^e`, or a sentinel (below `−2^bits`) once it has left its
+    # The state times `2^e`, or a sentinel (below `−2^bits`) where it has left its
     # range or met a non-finite `f`.
     ints: Int[Array, "..."]
     buffer: _Buffer
     exponent: Int[Array, ""]
-    # `ints · 2^-e` in the dtype of `z0`, NaN where `ints` is a sentinel: a lost
-    # state stops the loop through its non-finite residual.
-    value: Float[Array, "..."]
+    # The dtype of `z0`, in which `f` sees the state.
+    dtype: jnp.dtype = eqx.field(static=True)
+    # Only in a differentiated loop: `ints · 2^-e` with the tangent of the float
+    # iteration. Otherwise the value is decoded on demand, and the loop's carry
+    # holds no float copy of the state.
+    value: Float[Array, "..."] | None = None
 
 
 class ExactState(AbstractPrecision):
@@ -299,7 +306,7 @@ class ExactState(AbstractPrecision):
         sign, n, d = _rational(1 - beta)
         return 1 - sign * n / d
 
-    def encode(self, z0, fz0, beta):
+    def encode(self, z0, fz0, beta, differentiable):
         bound = max(1.0, abs(beta) / (1 - abs(1 - beta)))
 
         # One scale for all leaves: a leaf that starts at zero may grow like the rest.
@@ -310,10 +317,11 @@ class ExactState(AbstractPrecision):
             int_dtype, _, bits = _fixed_point_format(z.dtype)
             exponent = jnp.clip(bits - 1 - _HEADROOM_BITS - top, -120, 120)
             ints = jnp.round(_scale(z, exponent)).astype(int_dtype)
-            value = _straight_through(_unscale(ints, exponent, z.dtype), z)
-            return _ExactLeaf(
-                ints, _Buffer(jnp.zeros(z.shape, jnp.uint32)), exponent, value
-            )
+            buffer = _Buffer(jnp.zeros(z.shape, jnp.uint32))
+            value = None
+            if differentiable:
+                value = _straight_through(_unscale(ints, exponent, z.dtype), z)
+            return _ExactLeaf(ints, buffer, exponent, z.dtype, value)
 
         return jtu.tree_map(leaf, z0, fz0)
 
@@ -327,7 +335,7 @@ class ExactState(AbstractPrecision):
     def restore(self, state, archived):
         def leaf(s: _ExactLeaf, words):
             buffer = _Buffer(s.buffer.head, words)
-            return _ExactLeaf(s.ints, buffer, s.exponent, s.value)
+            return _ExactLeaf(s.ints, buffer, s.exponent, s.dtype, s.value)
 
         return jtu.tree_map(leaf, state, archived, is_leaf=_is_exact_leaf)
 
@@ -343,14 +351,12 @@ class ExactState(AbstractPrecision):
             out_of_range, nonfinite = _sentinels(ints.dtype)
             lost = jnp.where(jnp.isfinite(f), out_of_range, nonfinite)
             ints = jnp.where(fits, ints, lost.astype(ints.dtype))
-            ints = jnp.where(s.ints < -(2**bits), s.ints, ints)  # sticky
-            exact = jnp.where(
-                ints < -(2**bits), jnp.nan, _unscale(ints, s.exponent, s.value.dtype)
-            )
-            linear = (1 - beta) * s.value + beta * f.astype(s.value.dtype)
-            return _ExactLeaf(
-                ints, buffer, s.exponent, _straight_through(exact, linear)
-            )
+            value = None
+            if s.value is not None:
+                linear = (1 - beta) * s.value + beta * f.astype(s.dtype)
+                exact = _unscale(ints, s.exponent, s.dtype)
+                value = _straight_through(exact, linear)
+            return _ExactLeaf(ints, buffer, s.exponent, s.dtype, value)
 
         return jtu.tree_map(leaf, state, fval, is_leaf=_is_exact_leaf)
 
@@ -363,18 +369,32 @@ class ExactState(AbstractPrecision):
             quotient, rem = _floor_divmod(ints, n, bits)
             buffer, digit = _undo(s.buffer, rem, d, n, step)
             ints = quotient * d + digit.astype(ints.dtype)
-            value = _unscale(ints, s.exponent, s.value.dtype)
-            return _ExactLeaf(ints, buffer, s.exponent, value)
+            return _ExactLeaf(ints, buffer, s.exponent, s.dtype)
 
         return jtu.tree_map(leaf, state, fval, is_leaf=_is_exact_leaf)
 
     def decode(self, state):
-        return jtu.tree_map(lambda s: s.value, state, is_leaf=_is_exact_leaf)
+        def leaf(s: _ExactLeaf):
+            if s.value is None:
+                return _unscale(s.ints, s.exponent, s.dtype)
+            return s.value
 
-    def in_range(self, state):
-        leaves = jtu.tree_leaves(state, is_leaf=_is_exact_leaf)
-        lost = [s.ints == _sentinels(s.ints.dtype)[0] for s in leaves]
-        return ~jnp.any(jnp.stack([jnp.any(x) for x in lost]))
+        return jtu.tree_map(leaf, state, is_leaf=_is_exact_leaf)
+
+    def status(self, state):
+        # One reduction per leaf: the sentinels are the two lowest integers.
+        out_of_range, nonfinite = [], []
+        for s in jtu.tree_leaves(state, is_leaf=_is_exact_leaf):
+            lowest = jnp.min(s.ints)
+            out_of_range.append(lowest == _sentinels(s.ints.dtype)[0])
+            nonfinite.append(lowest == _sentinels(s.ints.dtype)[1])
+        return RESULTS.where(
+            jnp.any(jnp.stack(out_of_range)),
+            RESULTS.state_out_of_range,
+            RESULTS.where(
+                jnp.any(jnp.stack(nonfinite)), RESULTS.nonfinite, RESULTS.successful
+            ),
+        )
 
 
 def _sentinels(int_dtype) -> tuple[int, int]:

@@ -18,6 +18,8 @@ class _ReversibleState(eqx.Module):
     # The encoded z₀, against which the certificate checks the rebuilt one.
     start: PyTree
     num_steps: Int[Array, ""]
+    # Whether the precision still holds the state; the loop stops otherwise.
+    status: RESULTS
     progress: ConvergenceState
 
 
@@ -84,14 +86,17 @@ class Reversible(AbstractSolver):
         return self.precision.representable_beta(self.beta)
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
-        del options, f_struct, aux_struct, tags
+        del f_struct, aux_struct, tags
         fz0, _ = fn(y, args)
-        state = self.precision.encode(y, fz0, self.relaxation)
+        differentiable = options.get("differentiable", False)
+        state = self.precision.encode(y, fz0, self.relaxation, differentiable)
         # The first step uses f at the true z₀; the backward pass evaluates f there
         # too. The certificate compares against the encoded z₀.
         start = self.precision.decode(state)
         progress = self.progress(fz0, y, no_progress(tree_dtype(y)), 1)
-        return _ReversibleState(state, state, fz0, start, jnp.array(0), progress)
+        return _ReversibleState(
+            state, state, fz0, start, jnp.array(0), RESULTS.successful, progress
+        )
 
     def step(self, fn, y, args, options, state, tags):
         del y, options, tags
@@ -102,8 +107,18 @@ class Reversible(AbstractSolver):
         z = self.precision.decode(zs)
         fz, aux = fn(z, args)
         progress = self.progress(fz, z, state.progress, 2)
-        new_state = _ReversibleState(ys, zs, fz, state.start, step + 1, progress)
+        status = self.precision.status((ys, zs))
+        new_state = _ReversibleState(
+            ys, zs, fz, state.start, step + 1, status, progress
+        )
         return z, new_state, aux
+
+    def terminate(self, fn, y, args, options, state, tags):
+        done, result = super().terminate(fn, y, args, options, state, tags)
+        # In optimistix's codes a lost state is non-finite; `finish` names the cause.
+        held = state.status == RESULTS.successful
+        result = optx.RESULTS.where(held, result, optx.RESULTS.nonfinite)
+        return done | ~held, result
 
     def segment_length(self, max_steps):
         return self.precision.segment_length(self.relaxation, max_steps)
@@ -115,9 +130,6 @@ class Reversible(AbstractSolver):
         if archived is not None:
             y = self.precision.restore(state.y, archived[0])
             z = self.precision.restore(state.z, archived[1])
-            state = _ReversibleState(
-                y, z, state.fz, state.start, state.num_steps, state.progress
-            )
-        # A state out of range decodes to NaN, so the loop has already stopped.
-        in_range = self.precision.in_range(state.y) & self.precision.in_range(state.z)
-        return state, RESULTS.where(in_range, result, RESULTS.state_out_of_range)
+            state = eqx.tree_at(lambda s: (s.y, s.z), state, (y, z))
+        held = state.status == RESULTS.successful
+        return state, RESULTS.where(held, result, state.status)

@@ -1,6 +1,7 @@
 """Shared pieces of the benchmarks: cells, the store-everything baseline, and the
 two measurements (compiled temporary memory, and interleaved median timings)."""
 
+import math
 import statistics
 import time
 
@@ -81,17 +82,27 @@ def temp_memory(fn, *args) -> int:
     return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
-def interleaved_medians(fns: dict, *args, repeats=7) -> dict:
-    """Median wall time of each function, run in turns so that load on the machine
-    affects all alike. Each is compiled and warmed up first."""
+def interleaved_medians(fns: dict, *args, repeats=7, min_sample_seconds=0.05) -> dict:
+    """Median wall time per call of each function, run in turns so that load on the
+    machine affects all alike. Each is compiled and warmed up first.
+
+    One sample times as many consecutive calls as make the first function's sample
+    last `min_sample_seconds`, so that runs of a few milliseconds are not lost in
+    timer and scheduling noise; every function gets the same number of calls.
+    """
     for fn in fns.values():
         jax.block_until_ready(fn(*args))
+    first = next(iter(fns.values()))
+    start = time.perf_counter()
+    jax.block_until_ready(first(*args))
+    calls = max(1, math.ceil(min_sample_seconds / (time.perf_counter() - start)))
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - start)
+            for _ in range(calls):
+                jax.block_until_ready(fn(*args))
+            times[name].append((time.perf_counter() - start) / calls)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 

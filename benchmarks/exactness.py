@@ -9,7 +9,7 @@ float32 parameters, JAX's default config with x64 off), it prints for each
   of a plain Python loop of the same iteration, run in float64 from the same float32
   parameters;
 - compiled temporary memory relative to store-everything backprop (`lax.scan`);
-- time relative to store-everything backprop: medians of runs interleaved with it
+- time relative to store-everything backprop: medians of samples interleaved with it
   in one process (the float64 state, which needs x64, is not timed).
 
 Configurations: a naive float32 `FloatState`, a float64 `FloatState` (x64 on), and

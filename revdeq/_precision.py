@@ -275,8 +275,8 @@ class ExactState(AbstractPrecision):
     grows by 93–100% of the information limit, `log2(1/|c|)` bits per element per
     step, rounded up to whole words. Completed words are kept outside the loop's
     carry, so a batched loop does not copy them at every step. `f` still sees
-    floats of the dtype of `z0`, and its output enters the state as
-    `round(β·f·2^e)`, a deterministic function of `f`'s bits.
+    floats of the dtype of `z0`, and its output enters the state as `β·f·2^e`
+    truncated to an integer, a deterministic function of `f`'s bits.
 
     The reconstruction is exact whatever `β`, dtype or number of steps, as long as
     `f` returns the same bits when re-evaluated on the same input, and the state stays
@@ -452,17 +452,21 @@ def _unscale(ints, exponent, dtype):
 
 
 def _injection(f, beta, exponent):
-    """`round(β·f·2^e)`, the same integer whenever `f` has the same bits, and where it
-    fits.
+    """`β·f·2^e` truncated to an integer, the same whenever `f` has the same bits,
+    and whether it fits.
 
     An injection below `(1 − |c|)·2^(bits − 1)` keeps `|c·Y + injection|` below
     `2^bits` whenever `|Y|` is, so the state never leaves its range unnoticed.
     """
     int_dtype, float_dtype, bits = _fixed_point_format(f.dtype)
-    beta_f = (beta * jax.lax.stop_gradient(f).astype(float_dtype)).astype(f.dtype)
-    scaled = jnp.round(_scale(beta_f, exponent))
+    f = jax.lax.stop_gradient(f)
+    scale = jnp.exp2(exponent.astype(float_dtype))
+    if f.dtype == float_dtype:
+        scaled = f * (beta * scale)  # scaling by 2^e is exact: one rounding, of β·f
+    else:  # β·f rounds to the dtype of f, as the float iteration would
+        scaled = (beta * f.astype(float_dtype)).astype(f.dtype) * scale
     fits = jnp.abs(scaled) < (1 - abs(1 - beta)) * 2.0 ** (bits - 1)
-    return jnp.where(fits, scaled, 0).astype(int_dtype), fits
+    return scaled.astype(int_dtype), fits
 
 
 @jax.custom_jvp

@@ -180,6 +180,32 @@ def test_exact_state_tells_range_errors_from_nonfinite_cells(jump, expected):
     assert sol.stats["num_steps"] < 20  # the lost state stopped the loop
 
 
+def test_exact_state_loss_stops_only_its_own_sample():
+    # Under vmap, the sample whose cell jumps out of range stops and reports it;
+    # the others run on, exactly as when solved alone.
+    def cell(z, x):
+        return jnp.where(jnp.sum(jnp.abs(z)) > 0.1, x[0] * x, jnp.tanh(0.5 * z + x))
+
+    solver = revdeq.Reversible(rtol=0, atol=0)
+    xs = jnp.array([[1e6, 1.0], [0.3, -0.2], [0.05, 0.01]])
+
+    def solve(x):
+        return revdeq.solve(
+            cell, jnp.zeros(2), x, solver=solver, max_steps=12, throw=False
+        )
+
+    batched = jax.vmap(solve)(xs)
+    lost = batched.result == revdeq.RESULTS.state_out_of_range
+    ran = batched.result == revdeq.RESULTS.max_steps_reached
+    assert lost.tolist() == [True, False, False]
+    assert ran.tolist() == [False, True, True]
+    assert batched.stats["num_steps"][0] < 12
+    for i in (1, 2):
+        alone = solve(xs[i])
+        assert jnp.array_equal(batched.value[i], alone.value)
+        assert batched.stats["num_steps"][i] == alone.stats["num_steps"] == 12
+
+
 @pytest.mark.parametrize("beta", [0.0, 1.0, 2.0, -0.5, 2.5])
 def test_bad_beta(beta):
     with pytest.raises(ValueError, match="`beta`"):

@@ -77,9 +77,12 @@ class AbstractPrecision(eqx.Module):
 
     @abc.abstractmethod
     def status(self, state: PyTree) -> RESULTS:
-        """`RESULTS.successful` while the representation holds `state` (a pytree of
-        states) faithfully, and otherwise why not. Asked after every step: the loop
-        stops on anything else.
+        """`RESULTS.successful` if the representation has held `state` (a pytree of
+        states) faithfully throughout, and otherwise why not.
+
+        Asked once, after the loop, so a state that is lost must stay lost: checking
+        in every step would cost a reduction per step, and the loop's result code,
+        not an early stop, is what reports the failure.
         """
 
 
@@ -351,6 +354,7 @@ class ExactState(AbstractPrecision):
             out_of_range, nonfinite = _sentinels(ints.dtype)
             lost = jnp.where(jnp.isfinite(f), out_of_range, nonfinite)
             ints = jnp.where(fits, ints, lost.astype(ints.dtype))
+            ints = jnp.where(s.ints < -(2**bits), s.ints, ints)  # sticky
             value = None
             if s.value is not None:
                 linear = (1 - beta) * s.value + beta * f.astype(s.dtype)

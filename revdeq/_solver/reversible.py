@@ -18,8 +18,6 @@ class _ReversibleState(eqx.Module):
     # The encoded z₀, against which the certificate checks the rebuilt one.
     start: PyTree
     num_steps: Int[Array, ""]
-    # Whether the precision still holds the state; the loop stops otherwise.
-    status: RESULTS
     progress: ConvergenceState
 
 
@@ -94,9 +92,7 @@ class Reversible(AbstractSolver):
         # too. The certificate compares against the encoded z₀.
         start = self.precision.decode(state)
         progress = self.progress(fz0, y, no_progress(tree_dtype(y)), 1)
-        return _ReversibleState(
-            state, state, fz0, start, jnp.array(0), RESULTS.successful, progress
-        )
+        return _ReversibleState(state, state, fz0, start, jnp.array(0), progress)
 
     def step(self, fn, y, args, options, state, tags):
         del y, options, tags
@@ -107,18 +103,8 @@ class Reversible(AbstractSolver):
         z = self.precision.decode(zs)
         fz, aux = fn(z, args)
         progress = self.progress(fz, z, state.progress, 2)
-        status = self.precision.status((ys, zs))
-        new_state = _ReversibleState(
-            ys, zs, fz, state.start, step + 1, status, progress
-        )
+        new_state = _ReversibleState(ys, zs, fz, state.start, step + 1, progress)
         return z, new_state, aux
-
-    def terminate(self, fn, y, args, options, state, tags):
-        done, result = super().terminate(fn, y, args, options, state, tags)
-        # In optimistix's codes a lost state is non-finite; `finish` names the cause.
-        held = state.status == RESULTS.successful
-        result = optx.RESULTS.where(held, result, optx.RESULTS.nonfinite)
-        return done | ~held, result
 
     def segment_length(self, max_steps):
         return self.precision.segment_length(self.relaxation, max_steps)
@@ -131,5 +117,6 @@ class Reversible(AbstractSolver):
             y = self.precision.restore(state.y, archived[0])
             z = self.precision.restore(state.z, archived[1])
             state = eqx.tree_at(lambda s: (s.y, s.z), state, (y, z))
-        held = state.status == RESULTS.successful
-        return state, RESULTS.where(held, result, state.status)
+        # Checked once: a lost state stays lost until the loop ends.
+        status = self.precision.status((state.y, state.z))
+        return state, RESULTS.where(status == RESULTS.successful, result, status)

@@ -8,7 +8,7 @@ import pytest
 
 import revdeq
 
-from .helpers import TanhCell
+from .helpers import TanhCell, plain_reversible_loop
 
 
 SOLVERS = [
@@ -273,6 +273,26 @@ def test_optimistix_interop(getkey, solver):
     theirs = optx.fixed_point(cell, solver, z0, x, max_steps=100)
     assert jnp.allclose(ours.value, theirs.value, atol=1e-5)
     assert jnp.max(jnp.abs(cell(theirs.value, x) - theirs.value)) < 1e-3
+
+
+def test_optimistix_can_differentiate_through_the_exact_state(getkey):
+    # optimistix's drivers do not say whether they differentiate the loop, so the
+    # exact state keeps its straight-through value: the gradient is not lost.
+    cell, z0, x = _problem(getkey())
+    solver = revdeq.Reversible(beta=0.8, rtol=0, atol=0)
+
+    def theirs(x):
+        adjoint = optx.RecursiveCheckpointAdjoint()
+        sol = optx.fixed_point(
+            cell, solver, z0, x, max_steps=6, adjoint=adjoint, throw=False
+        )
+        return jnp.sum(sol.value**2)
+
+    def truth(x):
+        return jnp.sum(plain_reversible_loop(cell, z0, x, 0.8, 6) ** 2)
+
+    got, want = jax.grad(theirs)(x), jax.grad(truth)(x)
+    assert jnp.linalg.norm(got - want) <= 1e-5 * jnp.linalg.norm(want)
 
 
 def test_throw_false_reports_reconstruction_drift(getkey):

@@ -86,7 +86,9 @@ class Reversible(AbstractSolver):
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         del f_struct, aux_struct, tags
         fz0, _ = fn(y, args)
-        differentiable = options.get("differentiable", False)
+        # Drivers other than revdeq's (optimistix's) do not say whether they
+        # differentiate the loop: assume they do, so that no gradient is lost.
+        differentiable = options.get("differentiable", True)
         state = self.precision.encode(y, fz0, self.relaxation, differentiable)
         # The first step uses f at the true z₀; the backward pass evaluates f there
         # too. The certificate compares against the encoded z₀.

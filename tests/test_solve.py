@@ -179,6 +179,23 @@ def test_exact_state_tells_range_errors_from_nonfinite_cells(jump, expected):
     assert sol.result == expected
 
 
+def test_gradient_of_a_lost_exact_state_warns():
+    # Under throw=False the forward only reports the loss in its result code; the
+    # backward pass must not return the meaningless gradient silently.
+    def cell(z, x):
+        return jnp.where(jnp.sum(jnp.abs(z)) > 0.1, 1e6 * x, x)
+
+    def loss(x):
+        solver = revdeq.Reversible(rtol=0, atol=0)
+        sol = revdeq.solve(
+            cell, jnp.zeros(2), x, solver=solver, max_steps=8, throw=False
+        )
+        return jnp.sum(sol.value)
+
+    with pytest.warns(RuntimeWarning, match="left the range"):
+        jax.block_until_ready(jax.grad(loss)(jnp.ones(2)))
+
+
 def test_exact_state_loss_is_reported_per_sample():
     # Under vmap, the sample whose cell jumps out of range reports it; the others
     # are solved exactly as when alone.

@@ -7,6 +7,7 @@ import jax.tree_util as jtu
 from jaxtyping import Array, Float
 
 from .._iterate import Iteration, iterate
+from .._solution import RESULTS
 from .._solver.reversible import Reversible
 from .._tree import tree_rms, tree_scale, tree_sub
 from .base import AbstractAdjoint, report_failure
@@ -27,7 +28,8 @@ class ReversibleAdjoint(AbstractAdjoint):
     compares it with the true one. The relative drift `rms(rebuilt − true) /
     rms(output)` above `drift_tolerance` means the gradient is not exact: it raises
     under `throw=True` and warns otherwise. With the default
-    [`revdeq.ExactState`][] precision the drift is exactly zero.
+    [`revdeq.ExactState`][] precision the drift is exactly zero; a forward state
+    that left the precision's range is reported the same way.
 
     **Arguments:**
 
@@ -228,6 +230,13 @@ _DRIFTED = (
 )
 
 
+_LOST = (
+    "ReversibleAdjoint: the forward state left the range of its precision or took "
+    "in a non-finite value (see the solve's result code), so this gradient is "
+    "meaningless. Start from a smaller `z0`, or fix the cell's non-finite output."
+)
+
+
 @eqx.filter_custom_vjp
 def _reversible_solve(fn_z0_args, solver, max_steps, tolerance, throw) -> Iteration:
     fn, z0, args = fn_z0_args
@@ -258,8 +267,10 @@ def _reversible_solve_bwd(
     y0, z0, z0_grad, (fn_grad, args_grad) = reverse_pass(
         fn, args, solver, final_state, num_steps, cotangent, true_z0
     )
-    failed = drift(y0, z0, final_state.start, output) > tolerance
     grads = (fn_grad, z0_grad, args_grad)
+    status = solver.precision.status((final_state.y, final_state.z))
+    grads = report_failure(grads, status != RESULTS.successful, _LOST, throw)
+    failed = drift(y0, z0, final_state.start, output) > tolerance
     return report_failure(grads, failed, _DRIFTED, throw)
 
 

@@ -249,8 +249,8 @@ def _undo(buffer: _Buffer, rem, d: int, n: int, step) -> tuple[_Buffer, Array]:
 
 
 class _ExactLeaf(eqx.Module):
-    # The state times `2^e`, or a sentinel (below `−2^bits`) where it has left its
-    # range or met a non-finite `f`.
+    # The state times `2^e`, or the sentinel `_lost` (below `−2^bits`) where it has
+    # left its range or met a non-finite `f`.
     ints: Int[Array, "..."]
     buffer: _Buffer
     exponent: Int[Array, ""]
@@ -351,9 +351,8 @@ class ExactState(AbstractPrecision):
             buffer, rem = _update(s.buffer, digit, d, n, step)
             injection, fits = _injection(f, beta, s.exponent)
             ints = sign * (quotient * n + rem.astype(s.ints.dtype)) + injection
-            out_of_range, nonfinite = _sentinels(ints.dtype)
-            lost = jnp.where(jnp.isfinite(f), out_of_range, nonfinite)
-            ints = jnp.where(fits, ints, lost.astype(ints.dtype))
+            # A non-finite `f` never fits.
+            ints = jnp.where(fits, ints, _lost(ints.dtype))
             ints = jnp.where(s.ints < -(2**bits), s.ints, ints)  # sticky
             value = None
             if s.value is not None:
@@ -386,26 +385,21 @@ class ExactState(AbstractPrecision):
         return jtu.tree_map(leaf, state, is_leaf=_is_exact_leaf)
 
     def status(self, state):
-        # One reduction per leaf: the sentinels are the two lowest integers.
-        out_of_range, nonfinite = [], []
-        for s in jtu.tree_leaves(state, is_leaf=_is_exact_leaf):
-            lowest = jnp.min(s.ints)
-            out_of_range.append(lowest == _sentinels(s.ints.dtype)[0])
-            nonfinite.append(lowest == _sentinels(s.ints.dtype)[1])
+        leaves = jtu.tree_leaves(state, is_leaf=_is_exact_leaf)
+        lost = jnp.stack([jnp.min(s.ints) == _lost(s.ints.dtype) for s in leaves])
         return RESULTS.where(
-            jnp.any(jnp.stack(out_of_range)),
-            RESULTS.state_out_of_range,
-            RESULTS.where(
-                jnp.any(jnp.stack(nonfinite)), RESULTS.nonfinite, RESULTS.successful
-            ),
+            jnp.any(lost), RESULTS.state_out_of_range, RESULTS.successful
         )
 
 
-def _sentinels(int_dtype) -> tuple[int, int]:
-    """The values of a state that left its range and of one that met a non-finite
-    `f`; every valid state lies within `±2^bits`, far above them."""
-    lowest = int(jnp.iinfo(int_dtype).min)
-    return lowest, lowest + 1
+def _lost(int_dtype) -> int:
+    """The value of a state that left its range or met a non-finite `f`: the lowest
+    integer, far below every valid state (within `±2^bits`).
+
+    One sentinel rather than one per cause keeps the update, which waits on `f`,
+    two operations shorter; the loop's own result code names a non-finite `f`.
+    """
+    return int(jnp.iinfo(int_dtype).min)
 
 
 def _max_abs(tree) -> Float[Array, ""]:
@@ -432,11 +426,13 @@ def _fixed_point_format(dtype) -> tuple[jnp.dtype, jnp.dtype, int]:
 
 
 def _floor_divmod(ints, divisor: int, bits: int) -> tuple[Array, Array]:
-    """`(ints // divisor, ints % divisor)` for `|ints| < 2^bits`, through unsigned
-    division: shifted up by a multiple of `divisor`, the dividend is never
+    """`(ints // divisor, ints % divisor)` for `|ints| < 2^bits`.
+
+    A power of two takes an arithmetic shift and a mask. Other divisors go through
+    unsigned division: shifted up by a multiple of `divisor`, the dividend is never
     negative, so there are no sign corrections to make."""
-    if divisor == 1:
-        return ints, jnp.zeros_like(ints)
+    if divisor & (divisor - 1) == 0:  # 1, 2, 4, ...
+        return ints >> (divisor.bit_length() - 1), ints & (divisor - 1)
     unsigned = jnp.uint64 if ints.dtype == jnp.int64 else jnp.uint32
     shift = -(-(2**bits) // divisor)
     u = ints.astype(unsigned) + unsigned(shift * divisor)  # wraps into [0, 2^(bits+2))

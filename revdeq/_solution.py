@@ -30,8 +30,9 @@ class RESULTS(optx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
         "precision, a float64 state, or fewer steps."
     )
     state_out_of_range = (
-        "The exact fixed-point state left its representable range. Start from a "
-        "smaller `z0`, or use a `FloatState` precision."
+        "The exact fixed-point state left its representable range, or took in a "
+        "non-finite value of `f`. Start from a smaller `z0`, check the cell for "
+        "non-finite outputs, or use a `FloatState` precision."
     )
 
 

@@ -119,6 +119,8 @@ class Reversible(AbstractSolver):
             y = self.precision.restore(state.y, archived[0])
             z = self.precision.restore(state.z, archived[1])
             state = eqx.tree_at(lambda s: (s.y, s.z), state, (y, z))
-        # Checked once: a lost state stays lost until the loop ends.
+        # Checked once: a lost state stays lost until the loop ends. A loop that
+        # stopped on a non-finite residual has already named the likelier cause.
         status = self.precision.status((state.y, state.z))
-        return state, RESULTS.where(status == RESULTS.successful, result, status)
+        keep = (status == RESULTS.successful) | (result == RESULTS.nonfinite)
+        return state, RESULTS.where(keep, result, status)

@@ -156,6 +156,16 @@ def test_exact_state_out_of_range_is_reported():
     )
 
 
+def _jumping_cell(jump):
+    """f(z₀) sets the exact state's scale; once the state moves, f jumps to
+    `jump · x`, far beyond it."""
+
+    def cell(z, x):
+        return jnp.where(jnp.sum(jnp.abs(z)) > 0.1, jump * x, x)
+
+    return cell
+
+
 @pytest.mark.parametrize(
     "jump, expected",
     [
@@ -164,12 +174,8 @@ def test_exact_state_out_of_range_is_reported():
     ],
 )
 def test_exact_state_tells_range_errors_from_nonfinite_cells(jump, expected):
-    # f(z₀) sets the state's scale; once the state moves, f jumps far beyond it.
-    def cell(z, x):
-        return jnp.where(jnp.sum(jnp.abs(z)) > 0.1, jump * x, x)
-
     sol = revdeq.solve(
-        cell,
+        _jumping_cell(jump),
         jnp.zeros(2),
         jnp.ones(2),
         solver=revdeq.Reversible(rtol=0, atol=0),
@@ -182,13 +188,10 @@ def test_exact_state_tells_range_errors_from_nonfinite_cells(jump, expected):
 def test_gradient_of_a_lost_exact_state_warns():
     # Under throw=False the forward only reports the loss in its result code; the
     # backward pass must not return the meaningless gradient silently.
-    def cell(z, x):
-        return jnp.where(jnp.sum(jnp.abs(z)) > 0.1, 1e6 * x, x)
-
     def loss(x):
         solver = revdeq.Reversible(rtol=0, atol=0)
         sol = revdeq.solve(
-            cell, jnp.zeros(2), x, solver=solver, max_steps=8, throw=False
+            _jumping_cell(1e6), jnp.zeros(2), x, solver=solver, max_steps=8, throw=False
         )
         return jnp.sum(sol.value)
 

@@ -61,6 +61,8 @@ def iterate(
     `lax.while_loop`. Solvers see the flag as `options["differentiable"]`: one
     built to be reversed keeps what autodiff needs only when it is needed.
     """
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+        raise ValueError(f"`max_steps` must be an int >= 1, got {max_steps!r}.")
     aux_fn = AuxFn(fn)
     options = {"max_steps": max_steps, "differentiable": differentiable}
     tags = frozenset()

@@ -66,8 +66,6 @@ def solve(
         sol.value, sol.stats["num_fn_evals"], revdeq.RESULTS[sol.result]
         ```
     """
-    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
-        raise ValueError(f"`max_steps` must be an int >= 1, got {max_steps!r}.")
     if not isinstance(solver, AbstractSolver):
         raise ValueError(
             "`solver` must be a revdeq solver (Reversible, Anderson, Broyden, "

@@ -151,9 +151,9 @@ def _reverse_loop(solver: Reversible, static, dynamic, axis_size, batched):
         return lift(lambda s, f: precision.reverse(s, f, beta, step))(states, fval)
 
     def cond(carry):
-        return carry[0] > 0
+        return carry[0] > 1
 
-    def body(carry):
+    def body(carry, first_step=False):
         # One counter for the whole batch: sample `i` undoes step `k − 1` once
         # `k ≤ num_steps[i]`, so every sample addresses its buffers alike.
         k, ys, zs, ybar, zbar, grads = carry
@@ -169,7 +169,7 @@ def _reverse_loop(solver: Reversible, static, dynamic, axis_size, batched):
         zs = select(active, new_zs, zs)
         zbar = select(active, tree_scale(c, zbar), zbar)
         # yₙ₊₁ = c·yₙ + β·f(zₙ); at the first step, zₙ is the true z₀ that f saw.
-        point = _select_unbatched(step == 0, z0, lift(precision.decode)(zs))
+        point = z0 if first_step else lift(precision.decode)(zs)
         fz, vjp_z = vjp_at(point)
         new_ys = reverse(ys, fz, step)
         dgrads, dz = vjp_z(select(active, tree_scale(beta, ybar), None))
@@ -183,7 +183,10 @@ def _reverse_loop(solver: Reversible, static, dynamic, axis_size, batched):
     ybar = jtu.tree_map(jnp.zeros_like, cotangent)
     k = jnp.max(num_steps)
     init = (k, final_state.y, final_state.z, ybar, cotangent, grads)
-    _, ys, zs, ybar, zbar, grads = jax.lax.while_loop(cond, body, init)
+    # Every sample takes at least one step, and all end on the first: it is undone
+    # outside the loop, where no select is needed to put back the true z₀.
+    carry = jax.lax.while_loop(cond, body, init)
+    _, ys, zs, ybar, zbar, grads = body(carry, first_step=True)
     z0_grad = jtu.tree_map(jnp.add, ybar, zbar)
     decode = lift(precision.decode)
     return decode(ys), decode(zs), z0_grad, grads

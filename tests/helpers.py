@@ -26,12 +26,14 @@ def relative_error(x, truth) -> float:
     return float(num / max(den, 1e-300))
 
 
-def run_script(script: str, xla_flags: str):
-    """Run `script` in a fresh Python with `XLA_FLAGS` set (flags that JAX reads only
-    at start-up), and return the JSON it prints on its last line."""
+def run_script(script: str, xla_flags: str = "", env: dict[str, str] | None = None):
+    """Run `script` in a fresh Python with `XLA_FLAGS` and the variables of `env` set
+    (settings read only at start-up), and return the JSON it prints on its last
+    line."""
     tests = os.path.dirname(__file__)
     env = {
         **os.environ,
+        **(env or {}),
         "XLA_FLAGS": xla_flags,
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": os.pathsep.join(

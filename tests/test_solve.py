@@ -1,5 +1,7 @@
 """The public contract of `revdeq.solve`: results, statistics, errors, interop."""
 
+import textwrap
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,7 @@ import pytest
 
 import revdeq
 
-from .helpers import TanhCell, plain_reversible_loop
+from .helpers import TanhCell, plain_reversible_loop, run_script
 
 
 SOLVERS = [
@@ -321,6 +323,34 @@ def test_optimistix_can_differentiate_through_the_exact_state(getkey):
 
     got, want = jax.grad(theirs)(x), jax.grad(truth)(x)
     assert jnp.linalg.norm(got - want) <= 1e-5 * jnp.linalg.norm(want)
+
+
+_CALLBACKS_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import jax, jax.numpy as jnp
+    import revdeq
+
+    def loss(x):
+        cell = lambda z, x: jnp.tanh(0.5 * z + x)
+        return jnp.sum(revdeq.solve(cell, jnp.zeros(4), x, max_steps=6).value ** 2)
+
+    grad = jax.value_and_grad(lambda xs: jnp.sum(jax.vmap(loss)(xs)))
+    text = str(jax.make_jaxpr(grad)(jnp.ones((3, 4))))
+    kinds = ("pure_callback", "debug_callback", "io_callback")
+    print(json.dumps([kind for kind in kinds if kind in text]))
+    """
+)
+
+
+def test_eqx_on_error_nan_leaves_no_host_callback():
+    # On CPU a program with a host callback runs synchronously. The run-time checks
+    # are callbacks by default; `EQX_ON_ERROR=nan`, the way out the README gives,
+    # must leave none in a reversible solve and its gradient.
+    assert run_script(_CALLBACKS_SCRIPT, env={"EQX_ON_ERROR": "raise"}) == [
+        "pure_callback"
+    ]
+    assert run_script(_CALLBACKS_SCRIPT, env={"EQX_ON_ERROR": "nan"}) == []
 
 
 def test_throw_false_reports_reconstruction_drift(getkey):

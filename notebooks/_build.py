@@ -598,6 +598,10 @@ exact gradient of the computed output (see notebook 02). `ReversibleAdjoint` wit
 float state is flat *and* exact for few steps; with `ExactState` it is exact for any
 `N` and grows only by its compact information buffer. Its extra time is integer
 arithmetic, a fixed cost per step that weighs most when `f` is as cheap as here.
+On CPU, part of every revdeq timing above is its run-time error checks: they are
+host callbacks, and JAX runs a program that contains one synchronously, without a
+second core's speed-up. `EQX_ON_ERROR=nan` (failures become NaNs, not exceptions)
+removes them; the README's measured results show both.
 """
     ),
 ]

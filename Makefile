@@ -2,7 +2,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo data bench lint clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -10,17 +10,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m pytest -q
-
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-demo: $(STAMP)
-	@# The offline data: Debian's dataset-fashion-mnist, installed when apt can.
+test: $(STAMP) data
+	$(PY) -m pytest -q
+
+demo: $(STAMP) data
+	$(PY) experiments/demo.py
+
+# The offline data: Debian's dataset-fashion-mnist, installed when apt can.
+data:
 	@test -d $(FASHION_MNIST) || ! command -v apt-get >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
 		echo "Could not install dataset-fashion-mnist; see README (Data)."
-	$(PY) experiments/demo.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/adjoints.py

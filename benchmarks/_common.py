@@ -29,32 +29,28 @@ class TanhCell(eqx.Module):
         return jnp.tanh(z @ self.weight + x @ self.inject + self.bias)
 
 
-class ConvCell(eqx.Module):
-    """A small implicit residual conv layer on one `(C, H, W)` image."""
-
-    conv1: eqx.nn.Conv2d
-    conv2: eqx.nn.Conv2d
-    norm: eqx.nn.GroupNorm
-
-    def __init__(self, channels, *, key):
-        k1, k2 = jax.random.split(key)
-        self.conv1 = eqx.nn.Conv2d(channels, channels, 3, padding=1, key=k1)
-        self.conv2 = eqx.nn.Conv2d(channels, channels, 3, padding=1, key=k2)
-        self.norm = eqx.nn.GroupNorm(4, channels)
-
-    def __call__(self, z, x):
-        return self.norm(jax.nn.relu(z + self.conv2(jax.nn.relu(self.conv1(z))) + x))
+def _reversible_step(cell, x, beta, y, z):
+    y = (1 - beta) * y + beta * cell(z, x)
+    z = (1 - beta) * z + beta * cell(y, x)
+    return y, z
 
 
 def store_all_loss(cell, z0, x, beta, steps):
-    """Backprop through a `lax.scan` of the reversible iteration: every step's
-    residuals are stored. The yardstick for memory and time."""
+    """The reversible iteration as a Python loop, so that backprop through it stores
+    every step's residuals. The yardstick for memory and time: at a fixed step
+    count, the fastest plain program a user could write (XLA:CPU compiles a
+    convolution in a loop body several times slower, jax-ml/jax#12868)."""
+    y = z = z0
+    for _ in range(steps):
+        y, z = _reversible_step(cell, x, beta, y, z)
+    return z
+
+
+def store_all_scan_loss(cell, z0, x, beta, steps):
+    """The same iteration as a `lax.scan`: store-all backprop through a loop."""
 
     def step(carry, _):
-        y, z = carry
-        y = (1 - beta) * y + beta * cell(z, x)
-        z = (1 - beta) * z + beta * cell(y, x)
-        return (y, z), None
+        return _reversible_step(cell, x, beta, *carry), None
 
     (_, z), _ = jax.lax.scan(step, (z0, z0), None, length=steps)
     return z

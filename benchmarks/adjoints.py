@@ -5,23 +5,26 @@ Markdown tables:
 
 1. compiled temporary memory of a batched `value_and_grad` for each adjoint at
    4, 16, 64 and 256 solver steps (a tanh cell, d = 256, batch 64);
-2. the time of reversible backprop over store-everything unrolled backprop at equal
-   steps, for an MLP cell and a conv cell, measured side by side;
+2. the time of reversible backprop over store-everything backprop of the same
+   iteration written as straight-line code (a Python loop), measured side by side:
+   for an MLP cell, and for training steps of conv models on Fashion-MNIST-shaped
+   batches, called as users call them (`vmap` inside, `jit` around the step);
 3. the evaluations of `f` per step in the reversible backward pass, counted.
 """
 
 import functools
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from _common import (
-    ConvCell,
     TanhCell,
     batched_value_and_grad,
     interleaved_medians,
     markdown_table,
     solve_value,
     store_all_loss,
+    store_all_scan_loss,
     temp_memory,
 )
 
@@ -40,7 +43,12 @@ def _variants(steps):
     float_state = revdeq.Reversible(beta=BETA, precision=revdeq.FloatState(), **FIXED)
     solve = functools.partial(solve_value, steps=steps)
     return {
-        "store-all scan": functools.partial(store_all_loss, beta=BETA, steps=steps),
+        "store-all (straight-line)": functools.partial(
+            store_all_loss, beta=BETA, steps=steps
+        ),
+        "store-all (lax.scan)": functools.partial(
+            store_all_scan_loss, beta=BETA, steps=steps
+        ),
         "UnrolledAdjoint (checkpointed)": functools.partial(
             solve, solver=reversible, adjoint=revdeq.UnrolledAdjoint()
         ),
@@ -77,48 +85,130 @@ def memory_table(dim=256, batch=64, steps_grid=(4, 16, 64, 256)):
     return markdown_table(header, table)
 
 
-def time_table(steps=8):
-    keys = jax.random.split(jax.random.key(1), 4)
-    problems = {
-        "MLP (tanh) cell, d=256, batch 64": (
-            TanhCell(256, key=keys[0]),
-            jnp.zeros((64, 256)),
-            jax.random.normal(keys[1], (64, 256)),
-        ),
-        "conv cell, 16×16×16, batch 32": (
-            ConvCell(16, key=keys[2]),
-            jnp.zeros((32, 16, 16, 16)),
-            jax.random.normal(keys[3], (32, 16, 16, 16)),
-        ),
+def _plain_stage(stage: revdeq.nn.DEQ):
+    """A DEQ stage as a straight-line loop of its reversible iteration."""
+
+    def run(x):
+        z0 = jnp.zeros(stage.state_shape, stage.state_dtype)
+        return store_all_loss(stage.cell, z0, x, BETA, stage.max_steps), None
+
+    return run
+
+
+def _train_step(logits):
+    """A jitted `value_and_grad` of the cross-entropy of `logits(model, image)`,
+    vmapped over the batch."""
+
+    def loss(model, images, labels):
+        out = jax.vmap(logits, in_axes=(None, 0))(model, images)
+        picked = jnp.take_along_axis(jax.nn.log_softmax(out), labels[:, None], 1)
+        return -jnp.mean(picked)
+
+    return eqx.filter_jit(eqx.filter_value_and_grad(loss))
+
+
+def _resnet_steps(**config):
+    """Training steps of an `ImplicitResNet` with each precision, and of the same
+    model with every stage a straight-line loop."""
+
+    def make(precision):
+        solver = revdeq.Reversible(beta=BETA, precision=precision, **FIXED)
+        return revdeq.nn.ImplicitResNet(
+            (1, 28, 28), 10, key=jax.random.key(3), solver=solver, **config
+        )
+
+    model = make(revdeq.ExactState())
+
+    def plain(model, image):
+        return model.trunk(image, [_plain_stage(s) for s in model.stages])
+
+    reversible = _train_step(type(model).__call__)
+    steps = {
+        "store-all (straight-line)": _train_step(plain),
+        "ExactState": reversible,
+        "FloatState": reversible,
     }
+    models = {
+        "store-all (straight-line)": model,
+        "ExactState": model,
+        "FloatState": make(revdeq.FloatState()),
+    }
+    return steps, models
+
+
+def _gradient_gap(fns, models, *args) -> float:
+    """The largest relative difference of a reversible gradient from the
+    straight-line one."""
+    yardstick = "store-all (straight-line)"
+    _, base = fns[yardstick](models[yardstick], *args)
+    gap = 0.0
+    for name in ("ExactState", "FloatState"):
+        _, grads = fns[name](models[name], *args)
+        for g, b in zip(jax.tree.leaves(grads), jax.tree.leaves(base)):
+            scale = float(jnp.max(jnp.abs(b))) or 1.0
+            gap = max(gap, float(jnp.max(jnp.abs(g - b))) / scale)
+    return gap
+
+
+def time_table(mlp_steps=8, batch=128):
+    keys = jax.random.split(jax.random.key(1), 4)
     rows = []
-    for name, (cell, z0s, xs) in problems.items():
-        variants = _variants(steps)
-        fns = {
-            label: batched_value_and_grad(variants[label])
-            for label in (
-                "store-all scan",
-                "ReversibleAdjoint, ExactState",
-                "ReversibleAdjoint, FloatState",
-            )
-        }
-        t = interleaved_medians(fns, cell, z0s, xs)
-        base = t["store-all scan"]
-        rows.append(
+    # The MLP cell: one batched DEQ solve.
+    cell, z0s = TanhCell(256, key=keys[0]), jnp.zeros((64, 256))
+    xs = jax.random.normal(keys[1], (64, 256))
+    variants = _variants(mlp_steps)
+    names = {
+        "store-all (straight-line)": "store-all (straight-line)",
+        "store-all (lax.scan)": "store-all (lax.scan)",
+        "ExactState": "ReversibleAdjoint, ExactState",
+        "FloatState": "ReversibleAdjoint, FloatState",
+    }
+    fns = {k: batched_value_and_grad(variants[v]) for k, v in names.items()}
+    t = interleaved_medians(fns, cell, z0s, xs)
+    rows.append((f"MLP (tanh) cell, d = 256, batch 64, {mlp_steps} steps", t, None))
+    # Training steps of conv models, the issue of XLA:CPU's loop bodies.
+    images = jax.random.normal(keys[2], (batch, 1, 28, 28))
+    labels = jax.random.randint(keys[3], (batch,), 0, 10)
+    configs = {
+        f"conv DEQ train step (ConvCell, 16 channels, 2 steps), batch {batch}": dict(
+            channels=(16,), width_expansions=(1,), max_steps=(2,), group_size=4
+        ),
+        f"ImplicitResNet train step (16-32 channels, 4+4 steps), batch {batch}": {},
+    }
+    for name, config in configs.items():
+        steps, models = _resnet_steps(**config)
+        gap = _gradient_gap(steps, models, images, labels)
+        t = _interleaved_models(steps, models, images, labels)
+        rows.append((name, t, gap))
+    table = []
+    for name, t, gap in rows:
+        base = t["store-all (straight-line)"]
+        scan = t.get("store-all (lax.scan)")
+        table.append(
             [
                 name,
                 f"{base * 1e3:.1f}",
-                f"{t['ReversibleAdjoint, ExactState'] / base:.2f}",
-                f"{t['ReversibleAdjoint, FloatState'] / base:.2f}",
+                "—" if scan is None else f"{scan / base:.2f}",
+                f"{t['ExactState'] / base:.2f}",
+                f"{t['FloatState'] / base:.2f}",
+                "—" if gap is None else f"{gap:.1e}",
             ]
         )
     header = [
-        f"cell ({steps} steps)",
-        "store-all (ms)",
-        "ExactState / store-all",
-        "FloatState / store-all",
+        "step",
+        "store-all, straight-line (ms)",
+        "store-all lax.scan / straight-line",
+        "ExactState / straight-line",
+        "FloatState / straight-line",
+        "largest gradient gap",
     ]
-    return markdown_table(header, rows)
+    return markdown_table(header, table)
+
+
+def _interleaved_models(steps, models, *args):
+    """`interleaved_medians` for steps that each take their own model."""
+    fns = {name: functools.partial(fn, models[name]) for name, fn in steps.items()}
+    return interleaved_medians(fns, *args)
 
 
 def backward_evaluations(steps=6):

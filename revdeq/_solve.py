@@ -7,6 +7,7 @@ from ._adjoint.base import AbstractAdjoint
 from ._adjoint.implicit import ImplicitAdjoint
 from ._adjoint.reversible import ReversibleAdjoint
 from ._custom_types import Args, Fn, Y
+from ._iterate import resolve_unroll
 from ._solution import RESULTS, Solution
 from ._solver.base import AbstractSolver
 from ._solver.reversible import Reversible
@@ -22,6 +23,7 @@ def solve(
     solver: AbstractSolver = Reversible(),
     adjoint: AbstractAdjoint | None = None,
     max_steps: int = 8,
+    unroll: bool | None = None,
     throw: bool = True,
 ) -> Solution:
     """Find a fixed point `z* = fn(z*, args)`, differentiably.
@@ -45,6 +47,15 @@ def solve(
     - `max_steps`: the budget of solver steps, at least 1. Reaching it is reported
         as `RESULTS.max_steps_reached`, never raised: it is the normal budget of DEQ
         training.
+    - `unroll`: run the solver's loop (and the reversible backward pass) as
+        straight-line code rather than a `lax.while_loop`. `None` unrolls a
+        fixed-step solve (`rtol = atol = 0`) of at most 4 steps: on CPU, XLA
+        compiles convolutions in a loop body several times slower than in
+        straight-line code. Compile time grows with the steps unrolled; an
+        unrolled solve with tolerances still computes all `max_steps` steps; and
+        the memory of an unrolled reversible backward pass grows with the steps
+        like store-all backprop's (XLA's scheduling), where the loop's is
+        constant.
     - `throw`: raise on failure (non-finite values, divergence, inexact gradients);
         with `False` the failure is reported in `Solution.result` instead.
 
@@ -79,11 +90,14 @@ def solve(
         raise ValueError(
             f"`adjoint` must be a revdeq adjoint, got {type(adjoint).__name__}."
         )
+    unroll = resolve_unroll(unroll, solver, max_steps)
     _check_state(z0)
     fn = eqx.filter_closure_convert(fn, z0, args)
     _check_output(fn.out_struct, z0)
 
-    out = adjoint.apply(fn, solver, z0, args, max_steps=max_steps, throw=throw)
+    out = adjoint.apply(
+        fn, solver, z0, args, max_steps=max_steps, unroll=unroll, throw=throw
+    )
     value = out.value
     result, stats = tree_stop_gradient((out.result, out.stats()))
     if throw:

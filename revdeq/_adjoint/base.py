@@ -1,8 +1,12 @@
 import abc
+import functools
 import warnings
+from collections.abc import Sequence
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
+from jaxtyping import Array
 
 from .._custom_types import Args, Fn, Y
 from .._iterate import Iteration
@@ -25,23 +29,32 @@ class AbstractAdjoint(eqx.Module):
         args: Args,
         *,
         max_steps: int,
+        unroll: bool,
         throw: bool,
     ) -> Iteration:
-        """Solve, with this adjoint's rule for the gradient of `Iteration.value`."""
+        """Solve, with this adjoint's rule for the gradient of `Iteration.value`.
+
+        `unroll` is the loop form that [`revdeq.internal.iterate`][] takes.
+        """
 
 
-def report_failure(value, failed, message: str, throw: bool):
-    """Raise `message` when `failed` under `throw`, else warn at run time.
+def report_failure(value, failures: Sequence[tuple[Array, str]], throw: bool):
+    """For the first `(failed, message)` of `failures` that failed, raise `message`
+    under `throw`, else warn at run time.
 
     Gradient rules have no result code to return, so this is how a backward pass
-    reports a problem: never silently.
+    reports a problem: never silently. All failures share one check, and so one host
+    callback.
     """
+    failed = jnp.stack([f for f, _ in failures])
+    index = jnp.argmax(failed)
+    messages = tuple(m for _, m in failures)
     if throw:
-        return eqx.error_if(value, failed, message)
-    jax.debug.callback(_warn_if, failed, message)
+        return eqx.branched_error_if(value, jnp.any(failed), index, messages)
+    jax.debug.callback(functools.partial(_warn_if, messages), failed, index)
     return value
 
 
-def _warn_if(failed, message):
-    if failed:
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+def _warn_if(messages, failed, index):
+    if failed.any():
+        warnings.warn(messages[int(index)], RuntimeWarning, stacklevel=2)

@@ -58,34 +58,32 @@ class ImplicitAdjoint(AbstractAdjoint):
         rtol=1e-5, atol=1e-5, restart=20, stagnation_iters=20, max_steps=200
     )
 
-    def apply(self, fn, solver, z0, args, *, max_steps, throw):
+    def apply(self, fn, solver, z0, args, *, max_steps, unroll, throw):
         # The fixed point does not depend on where the solve started.
         z0 = jax.lax.stop_gradient(z0)
-        return _implicit_solve(
-            (fn, args), z0, solver, max_steps, self.linear_solver, throw
-        )
+        loop = (max_steps, unroll)
+        return _implicit_solve((fn, args), z0, solver, loop, self.linear_solver, throw)
 
 
 @eqx.filter_custom_vjp
-def _implicit_solve(fn_args, z0, solver, max_steps, linear_solver, throw):
+def _implicit_solve(fn_args, z0, solver, loop, linear_solver, throw):
     fn, args = fn_args
-    return iterate(fn, solver, z0, args, max_steps=max_steps)
+    max_steps, unroll = loop
+    return iterate(fn, solver, z0, args, max_steps=max_steps, unroll=unroll)
 
 
 @_implicit_solve.def_fwd
-def _implicit_solve_fwd(
-    perturbed, fn_args, z0, solver, max_steps, linear_solver, throw
-):
+def _implicit_solve_fwd(perturbed, fn_args, z0, solver, loop, linear_solver, throw):
     del perturbed
-    out = _implicit_solve.fn(fn_args, z0, solver, max_steps, linear_solver, throw)
+    out = _implicit_solve.fn(fn_args, z0, solver, loop, linear_solver, throw)
     return out, out.value
 
 
 @_implicit_solve.def_bwd
 def _implicit_solve_bwd(
-    z_star, grad_obj, perturbed, fn_args, z0, solver, max_steps, linear_solver, throw
+    z_star, grad_obj, perturbed, fn_args, z0, solver, loop, linear_solver, throw
 ):
-    del perturbed, z0, solver, max_steps
+    del perturbed, z0, solver, loop
     fn, args = fn_args
     cotangent = _zeros_for_none(grad_obj.value, z_star)
     _, vjp_z = jax.vjp(lambda z: fn(z, args), z_star)
@@ -96,7 +94,7 @@ def _implicit_solve_bwd(
         operator, cotangent, linear_solver, options={"y0": cotangent}, throw=False
     )
     failed = sol.result != lx.RESULTS.successful
-    w = report_failure(sol.value, failed, _NOT_CONVERGED, throw)
+    w = report_failure(sol.value, [(failed, _NOT_CONVERGED)], throw)
     _, vjp_fn_args = eqx.filter_vjp(lambda fa: fa[0](z_star, fa[1]), fn_args)
     (grad,) = vjp_fn_args(w)
     return grad

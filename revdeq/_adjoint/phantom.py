@@ -57,10 +57,12 @@ class PhantomAdjoint(AbstractAdjoint):
         if not 0 < self.damping <= 1:
             raise ValueError(f"`damping` must lie in (0, 1], got {self.damping}.")
 
-    def apply(self, fn, solver, z0, args, *, max_steps, throw):
+    def apply(self, fn, solver, z0, args, *, max_steps, unroll, throw):
         del throw
         solved = iterate(
-            *tree_stop_gradient((fn, solver, z0, args)), max_steps=max_steps
+            *tree_stop_gradient((fn, solver, z0, args)),
+            max_steps=max_steps,
+            unroll=unroll,
         )
         z = solved.value
         for _ in range(self.steps):

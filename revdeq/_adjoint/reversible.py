@@ -1,3 +1,4 @@
+import functools
 import math
 
 import equinox as eqx
@@ -6,7 +7,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Float
 
-from .._iterate import Iteration, iterate
+from .._iterate import Iteration, iterate, resolve_unroll
 from .._solution import RESULTS
 from .._solver.reversible import Reversible
 from .._tree import tree_rms, tree_scale, tree_sub
@@ -50,7 +51,7 @@ class ReversibleAdjoint(AbstractAdjoint):
 
     drift_tolerance: float | None = None
 
-    def apply(self, fn, solver, z0, args, *, max_steps, throw):
+    def apply(self, fn, solver, z0, args, *, max_steps, unroll, throw):
         if not isinstance(solver, Reversible):
             raise ValueError(
                 "`ReversibleAdjoint` needs `solver=revdeq.Reversible(...)`, got "
@@ -61,10 +62,22 @@ class ReversibleAdjoint(AbstractAdjoint):
         if tolerance is None:
             dtype = jnp.result_type(*jtu.tree_leaves(z0))
             tolerance = math.sqrt(float(jnp.finfo(dtype).eps))
-        return _reversible_solve((fn, z0, args), solver, max_steps, tolerance, throw)
+        loop = (max_steps, unroll)
+        return _reversible_solve((fn, z0, args), solver, loop, tolerance, throw)
 
 
-def reverse_pass(fn, args, solver: Reversible, final_state, num_steps, cotangent, z0):
+def reverse_pass(
+    fn,
+    args,
+    solver: Reversible,
+    final_state,
+    num_steps,
+    cotangent,
+    z0,
+    *,
+    max_steps: int,
+    unroll: bool,
+):
     """Walk `num_steps` reversible steps back from `final_state`, accumulating the
     cotangents of `(fn, args)` and of the state.
 
@@ -72,7 +85,8 @@ def reverse_pass(fn, args, solver: Reversible, final_state, num_steps, cotangent
     previous state. The last one is taken at the true `z0`, the point the forward
     pass evaluated. Under `vmap` the loop runs batched, with the cotangents of
     unbatched parameters summed over the batch inside each step rather than kept per
-    sample.
+    sample. With `unroll=True` the loop is straight-line code over the `max_steps`
+    steps the forward pass may have taken, each one masked by `num_steps`.
 
     Returns the rebuilt initial values `(y₀, z₀)`, the cotangent of `z₀` and that of
     the floating-point arrays of `(fn, args)`.
@@ -81,14 +95,16 @@ def reverse_pass(fn, args, solver: Reversible, final_state, num_steps, cotangent
         (fn, args, final_state, num_steps, cotangent, z0), eqx.is_array
     )
 
+    loop = functools.partial(_reverse_loop, solver, static, max_steps, unroll)
+
     @jax.custom_batching.custom_vmap
     def run(dynamic):
-        return _reverse_loop(solver, static, dynamic, axis_size=None, batched=None)
+        return loop(dynamic, axis_size=None, batched=None)
 
     @run.def_vmap
     def _(axis_size, in_batched, dynamic):
         (batched,) = in_batched
-        out = _reverse_loop(solver, static, dynamic, axis_size, batched)
+        out = loop(dynamic, axis_size, batched)
         y0, z0, z0_grad, grads = out
         every = jtu.tree_map(lambda _: True, (y0, z0, z0_grad))
         return out, (*every, _axes(grads, batched[:2], True, False))
@@ -107,7 +123,9 @@ def _axes(tree, batched, yes, no):
     )
 
 
-def _reverse_loop(solver: Reversible, static, dynamic, axis_size, batched):
+def _reverse_loop(
+    solver: Reversible, static, max_steps, unroll, dynamic, axis_size, batched
+):
     """The reverse loop, on one example (`axis_size=None`) or on a batch whose
     batched leaves are flagged in `batched`."""
     precision = solver.precision
@@ -116,7 +134,6 @@ def _reverse_loop(solver: Reversible, static, dynamic, axis_size, batched):
     fn_args, state_etc = dynamic[:2], dynamic[2:]
     if axis_size is None:
         lift = _identity
-        select = _select_unbatched
     else:
         # The state, step counts, cotangent and z₀ all become batched.
         state_etc = jtu.tree_map(
@@ -125,7 +142,6 @@ def _reverse_loop(solver: Reversible, static, dynamic, axis_size, batched):
             batched[2:],
         )
         lift = jax.vmap
-        select = _select_batched
     final_state, num_steps, cotangent, z0 = eqx.combine(state_etc, static[2:])
     diff, nondiff = eqx.partition(fn_args, eqx.is_inexact_array)
     fn_args_static = static[:2]
@@ -150,43 +166,49 @@ def _reverse_loop(solver: Reversible, static, dynamic, axis_size, batched):
     def reverse(states, fval, step):
         return lift(lambda s, f: precision.reverse(s, f, beta, step))(states, fval)
 
-    def cond(carry):
-        return carry[0] > 1
-
-    def body(carry, first_step=False):
-        # One counter for the whole batch: sample `i` undoes step `k − 1` once
-        # `k ≤ num_steps[i]`, so every sample addresses its buffers alike.
-        k, ys, zs, ybar, zbar, grads = carry
-        step = k - 1
-        # Unbatched, the loop condition already says the step is active.
-        active = True if axis_size is None else step < num_steps
+    def undo(step, carry, active, first_step=False):
+        """Undo forward step `step` where `active`."""
+        ys, zs, ybar, zbar, grads = carry
         # zₙ₊₁ = c·zₙ + β·f(yₙ₊₁)
         fy, vjp_y = vjp_at(lift(precision.decode)(ys))
         new_zs = reverse(zs, fy, step)
-        dgrads, dy = vjp_y(select(active, tree_scale(beta, zbar), None))
+        dgrads, dy = vjp_y(_select(active, tree_scale(beta, zbar), None))
         ybar = jtu.tree_map(jnp.add, ybar, dy)
         grads = jtu.tree_map(jnp.add, grads, dgrads)
-        zs = select(active, new_zs, zs)
-        zbar = select(active, tree_scale(c, zbar), zbar)
+        zs = _select(active, new_zs, zs)
+        zbar = _select(active, tree_scale(c, zbar), zbar)
         # yₙ₊₁ = c·yₙ + β·f(zₙ); at the first step, zₙ is the true z₀ that f saw.
         point = z0 if first_step else lift(precision.decode)(zs)
         fz, vjp_z = vjp_at(point)
         new_ys = reverse(ys, fz, step)
-        dgrads, dz = vjp_z(select(active, tree_scale(beta, ybar), None))
+        dgrads, dz = vjp_z(_select(active, tree_scale(beta, ybar), None))
         zbar = jtu.tree_map(jnp.add, zbar, dz)
         grads = jtu.tree_map(jnp.add, grads, dgrads)
-        ys = select(active, new_ys, ys)
-        ybar = select(active, tree_scale(c, ybar), ybar)
-        return k - 1, ys, zs, ybar, zbar, grads
+        ys = _select(active, new_ys, ys)
+        ybar = _select(active, tree_scale(c, ybar), ybar)
+        return ys, zs, ybar, zbar, grads
 
     grads = jtu.tree_map(jnp.zeros_like, diff)
     ybar = jtu.tree_map(jnp.zeros_like, cotangent)
-    k = jnp.max(num_steps)
-    init = (k, final_state.y, final_state.z, ybar, cotangent, grads)
+    carry = (final_state.y, final_state.z, ybar, cotangent, grads)
+    if unroll:
+        for step in range(max_steps - 1, 0, -1):
+            carry = undo(step, carry, step < num_steps)
+    else:
+
+        def body(k_carry):
+            # One counter for the whole batch: sample `i` undoes step `k − 1` once
+            # `k ≤ num_steps[i]`, so every sample addresses its buffers alike.
+            k, carry = k_carry
+            # Unbatched, the loop condition already says the step is active.
+            active = True if axis_size is None else k - 1 < num_steps
+            return k - 1, undo(k - 1, carry, active)
+
+        init = (jnp.max(num_steps), carry)
+        _, carry = jax.lax.while_loop(lambda k_carry: k_carry[0] > 1, body, init)
     # Every sample takes at least one step, and all end on the first: it is undone
-    # outside the loop, where no select is needed to put back the true z₀.
-    carry = jax.lax.while_loop(cond, body, init)
-    _, ys, zs, ybar, zbar, grads = body(carry, first_step=True)
+    # last, where no select is needed to put back the true z₀.
+    ys, zs, ybar, zbar, grads = undo(0, carry, True, first_step=True)
     z0_grad = jtu.tree_map(jnp.add, ybar, zbar)
     decode = lift(precision.decode)
     return decode(ys), decode(zs), z0_grad, grads
@@ -196,16 +218,12 @@ def _identity(f):
     return f
 
 
-def _select_unbatched(pred, on_true, on_false):
-    """`on_true` where the scalar `pred`, else `on_false`; a Python `True` (an
-    always-active step) selects without work."""
+def _select(pred, on_true, on_false):
+    """`on_true` where `pred`, else `on_false` (`None` means zeros): per sample along
+    the leading axis for a batched `pred`. A Python `True` (an always-active step)
+    selects without work."""
     if pred is True:
         return on_true
-    return jtu.tree_map(lambda t, f: jnp.where(pred, t, f), on_true, on_false)
-
-
-def _select_batched(pred, on_true, on_false):
-    """Per-sample select along the leading batch axis (`None` means zeros)."""
     if on_false is None:
         on_false = jtu.tree_map(jnp.zeros_like, on_true)
 
@@ -241,23 +259,25 @@ _LOST = (
 
 
 @eqx.filter_custom_vjp
-def _reversible_solve(fn_z0_args, solver, max_steps, tolerance, throw) -> Iteration:
+def _reversible_solve(fn_z0_args, solver, loop, tolerance, throw) -> Iteration:
     fn, z0, args = fn_z0_args
-    return iterate(fn, solver, z0, args, max_steps=max_steps)
+    max_steps, unroll = loop
+    return iterate(fn, solver, z0, args, max_steps=max_steps, unroll=unroll)
 
 
 @_reversible_solve.def_fwd
-def _reversible_solve_fwd(perturbed, fn_z0_args, solver, max_steps, tolerance, throw):
+def _reversible_solve_fwd(perturbed, fn_z0_args, solver, loop, tolerance, throw):
     del perturbed
-    out = _reversible_solve.fn(fn_z0_args, solver, max_steps, tolerance, throw)
+    out = _reversible_solve.fn(fn_z0_args, solver, loop, tolerance, throw)
     return out, (out.state, out.num_steps)
 
 
 @_reversible_solve.def_bwd
 def _reversible_solve_bwd(
-    residuals, grad_obj, perturbed, fn_z0_args, solver, max_steps, tolerance, throw
+    residuals, grad_obj, perturbed, fn_z0_args, solver, loop, tolerance, throw
 ):
-    del perturbed, max_steps
+    del perturbed
+    max_steps, unroll = loop
     final_state, num_steps = residuals
     fn, true_z0, args = fn_z0_args
     output = solver.precision.decode(final_state.z)
@@ -268,17 +288,35 @@ def _reversible_solve_bwd(
         is_leaf=lambda g: g is None,
     )
     y0, z0, z0_grad, (fn_grad, args_grad) = reverse_pass(
-        fn, args, solver, final_state, num_steps, cotangent, true_z0
+        fn,
+        args,
+        solver,
+        final_state,
+        num_steps,
+        cotangent,
+        true_z0,
+        max_steps=max_steps,
+        unroll=unroll,
     )
     grads = (fn_grad, z0_grad, args_grad)
     status = solver.precision.status((final_state.y, final_state.z))
-    grads = report_failure(grads, status != RESULTS.successful, _LOST, throw)
-    failed = drift(y0, z0, final_state.start, output) > tolerance
-    return report_failure(grads, failed, _DRIFTED, throw)
+    lost = status != RESULTS.successful
+    drifted = drift(y0, z0, final_state.start, output) > tolerance
+    return report_failure(grads, [(lost, _LOST), (drifted, _DRIFTED)], throw)
 
 
-def reconstruction_error(fn, z0, args, *, solver: Reversible, max_steps: int):
+def reconstruction_error(
+    fn,
+    z0,
+    args,
+    *,
+    solver: Reversible,
+    max_steps: int,
+    unroll: bool | None = None,
+):
     """Run a reversible solve forward and backward, and measure the reconstruction.
+
+    `unroll` is as in [`revdeq.solve`][].
 
     **Returns:** the relative drift `rms(rebuilt z₀ − z₀) / rms(output)` that
     [`revdeq.ReversibleAdjoint`][] certifies: exactly 0 with
@@ -292,10 +330,11 @@ def reconstruction_error(fn, z0, args, *, solver: Reversible, max_steps: int):
                                           solver=revdeq.Reversible(beta=0.9))
         ```
     """
+    loop = dict(max_steps=max_steps, unroll=resolve_unroll(unroll, solver, max_steps))
     fn = eqx.filter_closure_convert(fn, z0, args)
-    out = iterate(fn, solver, z0, args, max_steps=max_steps)
+    out = iterate(fn, solver, z0, args, **loop)
     zero = jtu.tree_map(jnp.zeros_like, out.value)
     y0, z0_rebuilt, _, _ = reverse_pass(
-        fn, args, solver, out.state, out.num_steps, zero, z0
+        fn, args, solver, out.state, out.num_steps, zero, z0, **loop
     )
     return drift(y0, z0_rebuilt, out.state.start, out.value)

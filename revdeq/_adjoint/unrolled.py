@@ -25,7 +25,7 @@ class UnrolledAdjoint(AbstractAdjoint):
 
     checkpoints: int | None = None
 
-    def apply(self, fn, solver, z0, args, *, max_steps, throw):
+    def apply(self, fn, solver, z0, args, *, max_steps, unroll, throw):
         del throw
         return iterate(
             fn,
@@ -33,6 +33,7 @@ class UnrolledAdjoint(AbstractAdjoint):
             z0,
             args,
             max_steps=max_steps,
+            unroll=unroll,
             checkpoints=self.checkpoints,
             differentiable=True,
         )

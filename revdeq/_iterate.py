@@ -41,9 +41,8 @@ class Iteration(eqx.Module):
 
 
 # A fixed-step solve (`rtol = atol = 0`) of at most this many steps is unrolled
-# unless the caller says otherwise: the paper's 2 to 4 steps. Beyond, compile time
-# grows, and so does the memory of the unrolled reversible backward pass, which
-# XLA:CPU schedules like store-all backprop.
+# unless the caller says otherwise: the paper's 2 to 4 steps. Compile time grows
+# faster than the steps unrolled.
 UNROLL_MAX_STEPS = 4
 
 

@@ -51,11 +51,9 @@ def solve(
         straight-line code rather than a `lax.while_loop`. `None` unrolls a
         fixed-step solve (`rtol = atol = 0`) of at most 4 steps: on CPU, XLA
         compiles convolutions in a loop body several times slower than in
-        straight-line code. Compile time grows with the steps unrolled; an
-        unrolled solve with tolerances still computes all `max_steps` steps; and
-        the memory of an unrolled reversible backward pass grows with the steps
-        like store-all backprop's (XLA's scheduling), where the loop's is
-        constant.
+        straight-line code. Compile time grows faster than the steps unrolled,
+        and an unrolled solve with tolerances still computes all `max_steps`
+        steps.
     - `throw`: raise on failure (non-finite values, divergence, inexact gradients);
         with `False` the failure is reported in `Solution.result` instead.
 

@@ -160,7 +160,13 @@ def _reverse_loop(
         )
         evaluate = jax.vmap(apply, in_axes=in_axes)
 
-    def vjp_at(point):
+    def vjp_at(point, grads):
+        if unroll:
+            # Straight-line code has no loop to order the steps: without this
+            # dependency XLA runs every step's VJP before accumulating any of
+            # their parameter cotangents, and keeps them all alive.
+            tie = sum(0 * g.reshape(-1)[0] for g in jtu.tree_leaves(grads))
+            point = jtu.tree_map(lambda p: p + tie.astype(p.dtype), point)
         return jax.vjp(lambda d, p: evaluate(d, p, nondiff), diff, point)
 
     def reverse(states, fval, step):
@@ -170,7 +176,7 @@ def _reverse_loop(
         """Undo forward step `step` where `active`."""
         ys, zs, ybar, zbar, grads = carry
         # zₙ₊₁ = c·zₙ + β·f(yₙ₊₁)
-        fy, vjp_y = vjp_at(lift(precision.decode)(ys))
+        fy, vjp_y = vjp_at(lift(precision.decode)(ys), grads)
         new_zs = reverse(zs, fy, step)
         dgrads, dy = vjp_y(_select(active, tree_scale(beta, zbar), None))
         ybar = jtu.tree_map(jnp.add, ybar, dy)
@@ -179,7 +185,7 @@ def _reverse_loop(
         zbar = _select(active, tree_scale(c, zbar), zbar)
         # yₙ₊₁ = c·yₙ + β·f(zₙ); at the first step, zₙ is the true z₀ that f saw.
         point = z0 if first_step else lift(precision.decode)(zs)
-        fz, vjp_z = vjp_at(point)
+        fz, vjp_z = vjp_at(point, grads)
         new_ys = reverse(ys, fz, step)
         dgrads, dz = vjp_z(_select(active, tree_scale(beta, ybar), None))
         zbar = jtu.tree_map(jnp.add, zbar, dz)

@@ -111,13 +111,19 @@ def _resnet_steps(**config):
     """Training steps of an `ImplicitResNet` with each precision, and of the same
     model with every stage a straight-line loop."""
 
-    def make(precision):
+    def make(precision, adjoint):
         solver = revdeq.Reversible(beta=BETA, precision=precision, **FIXED)
         return revdeq.nn.ImplicitResNet(
-            (1, 28, 28), 10, key=jax.random.key(3), solver=solver, **config
+            (1, 28, 28),
+            10,
+            key=jax.random.key(3),
+            solver=solver,
+            adjoint=adjoint,
+            **config,
         )
 
-    model = make(revdeq.ExactState())
+    # The default, certified; a float state drifts, and is timed unchecked.
+    model = make(revdeq.ExactState(), revdeq.ReversibleAdjoint())
 
     def plain(model, image):
         return model.trunk(image, [_plain_stage(s) for s in model.stages])
@@ -131,7 +137,7 @@ def _resnet_steps(**config):
     models = {
         "store-all (straight-line)": model,
         "ExactState": model,
-        "FloatState": make(revdeq.FloatState()),
+        "FloatState": make(revdeq.FloatState(), UNCHECKED),
     }
     return steps, models
 

@@ -52,14 +52,19 @@ def resolve_unroll(unroll: bool | None, solver: AbstractSolver, max_steps: int) 
     XLA:CPU compiles a convolution inside a loop body far less well than the same
     convolution in straight-line code (jax-ml/jax#12868), so a loop with a fixed,
     small number of steps is unrolled: `unroll=None` means `rtol = atol = 0` and
-    `max_steps <= UNROLL_MAX_STEPS`. An unrolled loop evaluates every step, holding
-    the state still once the solve terminates, so a solve that can stop early
-    computes all `max_steps` steps.
+    `max_steps <= UNROLL_MAX_STEPS`, unless the solver keeps a bit-exact state
+    (the default [`revdeq.ExactState`][]): in straight-line code XLA may fuse, and
+    so round, `f` differently in the forward pass and in the backward pass, and
+    the reconstruction would drift (1e-5 on a `ConvCell`). An unrolled loop
+    evaluates every step, holding the state still once the solve terminates, so
+    a solve that can stop early computes all `max_steps` steps.
     """
     _check_max_steps(max_steps)
     if unroll is None:
         fixed = solver.rtol == 0 and solver.atol == 0
-        return fixed and max_steps <= UNROLL_MAX_STEPS
+        precision = getattr(solver, "precision", None)
+        bit_exact = precision is not None and precision.bit_exact
+        return fixed and max_steps <= UNROLL_MAX_STEPS and not bit_exact
     if not isinstance(unroll, bool):
         raise ValueError(f"`unroll` must be True, False or None, got {unroll!r}.")
     return unroll

@@ -16,6 +16,7 @@ bits live:
 
 import abc
 from fractions import Fraction
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -29,6 +30,11 @@ from ._solution import RESULTS
 
 class AbstractPrecision(eqx.Module):
     """A state representation for [`revdeq.Reversible`][]."""
+
+    # Whether the reconstruction is bit for bit. Such a state is not unrolled by
+    # default: in straight-line code XLA may fuse (and round) `f` differently in
+    # the forward pass and in the backward pass's VJPs.
+    bit_exact: ClassVar[bool] = False
 
     def representable_beta(self, beta: float) -> float:
         """The relaxation this representation uses in place of `beta`."""
@@ -304,6 +310,8 @@ class ExactState(AbstractPrecision):
         revdeq.reconstruction_error(cell, z0, x, solver=solver, max_steps=64)  # 0.0
         ```
     """
+
+    bit_exact: ClassVar[bool] = True
 
     def representable_beta(self, beta):
         sign, n, d = _rational(1 - beta)

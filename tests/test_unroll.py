@@ -10,7 +10,7 @@ import pytest
 
 import revdeq
 
-from .helpers import PytreeCell, TanhCell, relative_error
+from .helpers import PytreeCell, TanhCell, plain_reversible_loop, relative_error
 
 
 def _array_problem(key):
@@ -230,3 +230,19 @@ def test_unrolled_reverse_pass_keeps_no_states_alive():
     assert memory(16, reversible, False) <= 1.05 * loop
     store_all = memory(4, revdeq.UnrolledAdjoint(), True)
     assert memory(4, reversible, True) <= min(1.05 * loop, 0.5 * store_all)
+
+
+def _tanh_cell(z, _):
+    return jnp.tanh(0.5 * z + 1.0)
+
+
+def test_unrolled_gradient_of_a_cell_without_parameters():
+    def loss(z0):
+        sol = revdeq.solve(_tanh_cell, z0, None, solver=FLOAT, max_steps=4)
+        return jnp.sum(sol.value)
+
+    def plain(z0):
+        return jnp.sum(plain_reversible_loop(_tanh_cell, z0, None, 0.8, 4))
+
+    z0 = jnp.array([0.3, -0.2])
+    assert relative_error(jax.grad(loss)(z0), jax.grad(plain)(z0)) <= 1e-6

@@ -161,11 +161,12 @@ def _reverse_loop(
         evaluate = jax.vmap(apply, in_axes=in_axes)
 
     def vjp_at(point, grads):
-        if unroll:
+        leaves = jtu.tree_leaves(grads)
+        if unroll and leaves:
             # Straight-line code has no loop to order the steps: without this
             # dependency XLA runs every step's VJP before accumulating any of
             # their parameter cotangents, and keeps them all alive.
-            tie = sum(0 * g.reshape(-1)[0] for g in jtu.tree_leaves(grads))
+            tie = sum(0 * jnp.sum(g.reshape(-1)[:1]) for g in leaves)
             point = jtu.tree_map(lambda p: p + tie.astype(p.dtype), point)
         return jax.vjp(lambda d, p: evaluate(d, p, nondiff), diff, point)
 

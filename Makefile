@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
+# Two workers: most of a test's time is compiling, on one core.
 test: $(STAMP) data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 demo: $(STAMP) data
 	$(PY) experiments/demo.py

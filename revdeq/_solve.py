@@ -44,8 +44,10 @@ def solve(
         [`revdeq.FixedPointIteration`][].
     - `adjoint`: the gradient rule; `None` picks [`revdeq.ReversibleAdjoint`][] for
         `Reversible` and [`revdeq.ImplicitAdjoint`][] otherwise.
-    - `max_steps`: the budget of solver steps, at least 1. Reaching it is reported
-        as `RESULTS.max_steps_reached`, never raised: it is the normal budget of DEQ
+    - `max_steps`: the budget of solver steps, at least 1. With `rtol = atol = 0`
+        the solve runs exactly this many steps and is `successful`. With
+        tolerances, not converging within it is reported as
+        `RESULTS.max_steps_reached`, never raised: it is the normal budget of DEQ
         training.
     - `unroll`: run the solver's loop (and the reversible backward pass) as
         straight-line code rather than a `lax.while_loop`. `None` unrolls a

@@ -26,13 +26,21 @@ def relative_error(x, truth) -> float:
     return float(num / max(den, 1e-300))
 
 
+def default_float():
+    """JAX's default floating dtype: float64 when x64 is enabled, else float32."""
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
 def run_script(script: str, xla_flags: str = "", env: dict[str, str] | None = None):
     """Run `script` in a fresh Python with `XLA_FLAGS` and the variables of `env` set
     (settings read only at start-up), and return the JSON it prints on its last
-    line."""
+    line. The script runs under the test's x64 and promotion settings."""
     tests = os.path.dirname(__file__)
     env = {
         **os.environ,
+        "JAX_ENABLE_X64": str(default_float() == jnp.float64),
+        "JAX_NUMPY_DTYPE_PROMOTION": jax.config.jax_numpy_dtype_promotion,
+        "JAX_NUMPY_RANK_PROMOTION": jax.config.jax_numpy_rank_promotion,
         **(env or {}),
         "XLA_FLAGS": xla_flags,
         "JAX_PLATFORMS": "cpu",

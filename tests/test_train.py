@@ -55,6 +55,7 @@ def _assert_trees_equal(a, b):
         assert jnp.array_equal(leaf_a, leaf_b)
 
 
+@pytest.mark.standard_promotion  # optax's Adam
 def test_training_lowers_loss():
     model, opt_state, step = _setup()
     data = _dataset(jr.PRNGKey(2))
@@ -67,6 +68,7 @@ def test_training_lowers_loss():
     assert eval_step(model, _dataset(jr.PRNGKey(4)))["accuracy"] > 0.95
 
 
+@pytest.mark.standard_promotion  # optax's Adam
 def test_checkpoint_resume_is_exact(tmp_path):
     data = _dataset(jr.PRNGKey(2))
     model, opt_state, step = _setup()
@@ -138,6 +140,7 @@ def test_checkpoint_extra(tmp_path):
     assert rt.latest_checkpoint(tmp_path).name == "checkpoint_000000000.eqx"
 
 
+@pytest.mark.standard_promotion  # optax's Adam
 def test_optimiser_schedule():
     # With a constant gradient, each AdamW update is (minus) the learning rate.
     optimiser = rt.make_optimiser(
@@ -191,6 +194,7 @@ def test_metrics_logger_and_plot(tmp_path):
         rt.plot_learning_curves({"b": other}, "accuracy", out)
 
 
+@pytest.mark.standard_promotion  # optax's Adam
 def test_data_parallel_single_device():
     parallel = rt.DataParallel()
     model, opt_state, step = _setup()
@@ -252,6 +256,7 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.standard_promotion  # optax's Adam
 def test_data_parallel_matches_single_device():
     # Imported here: the script imports this module as a top-level one.
     from .helpers import run_script

@@ -53,6 +53,12 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
     atol: eqx.AbstractVar[float]
     norm: eqx.AbstractVar[Callable[[PyTree], Scalar]]
 
+    @property
+    def fixed_steps(self) -> bool:
+        """Whether every solve runs exactly `max_steps` steps (`rtol = atol = 0`),
+        barring failure: the step budget is then the whole plan."""
+        return self.rtol == 0 and self.atol == 0
+
     def progress(
         self, fz, z, previous: ConvergenceState, new_evals
     ) -> ConvergenceState:

@@ -292,6 +292,13 @@ def test_integer_z0():
         revdeq.solve(lambda z, x: z, jnp.zeros(2, jnp.int32), None, max_steps=3)
 
 
+def test_complex_z0_is_refused():
+    # The exact state and the reversible reconstruction are defined on reals.
+    z0 = {"w": jnp.zeros(2), "c": jnp.zeros(2, complex)}
+    with pytest.raises(ValueError, match=r"`z0` must be real.*`z0\['c'\]`"):
+        revdeq.solve(lambda z, x: z, z0, None, max_steps=3)
+
+
 def test_reversible_adjoint_needs_reversible_solver():
     with pytest.raises(ValueError, match="ReversibleAdjoint"):
         revdeq.solve(

@@ -88,8 +88,8 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
         return p.converged | ~finite | diverged, result
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
-        del fn, aux, args, options, state, tags, result
-        return y, None, {}
+        del fn, args, options, state, tags, result
+        return y, aux, {}
 
     @abc.abstractmethod
     def init(self, fn, y, args, options, f_struct, aux_struct, tags) -> Any: ...

@@ -322,11 +322,15 @@ class ExactState(AbstractPrecision):
 
         # One scale for all leaves: a leaf that starts at zero may grow like the rest.
         magnitude = jnp.maximum(_max_abs(z0), bound * _max_abs(fz0))
-        top = jnp.ceil(jnp.log2(jnp.maximum(magnitude, 1e-30))).astype(jnp.int32)
+        tiny = jnp.finfo(magnitude.dtype).tiny  # an all-zero start
+        top = jnp.ceil(jnp.log2(jnp.maximum(magnitude, tiny))).astype(jnp.int32)
 
         def leaf(z, f):
-            int_dtype, _, bits = _fixed_point_format(z.dtype)
-            exponent = jnp.clip(bits - 1 - _HEADROOM_BITS - top, -120, 120)
+            int_dtype, float_dtype, bits = _fixed_point_format(z.dtype)
+            # Any normal magnitude gets the full resolution: `_times_pow2` reaches
+            # twice the float's exponent range.
+            limit = 2 * (jnp.finfo(float_dtype).maxexp - 2)
+            exponent = jnp.clip(bits - 1 - _HEADROOM_BITS - top, -limit, limit)
             ints = jnp.round(_scale(z, exponent)).astype(int_dtype)
             buffer = _Buffer(jnp.zeros(z.shape, jnp.uint32))
             value = None
@@ -411,11 +415,11 @@ def _lost(int_dtype) -> int:
 
 
 def _max_abs(tree) -> Float[Array, ""]:
-    return jnp.max(
-        jnp.stack(
-            [jnp.max(jnp.abs(x)).astype(jnp.float32) for x in jtu.tree_leaves(tree)]
-        )
-    )
+    """The largest magnitude over all leaves, in float64 if a leaf is float64."""
+    leaves = jtu.tree_leaves(tree)
+    wide = any(jnp.dtype(x.dtype).itemsize == 8 for x in leaves)
+    dtype = jnp.float64 if wide else jnp.float32
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(dtype) for x in leaves]))
 
 
 def _is_exact_leaf(x) -> bool:
@@ -448,15 +452,27 @@ def _floor_divmod(ints, divisor: int, bits: int) -> tuple[Array, Array]:
     return quotient, (u % unsigned(divisor)).astype(ints.dtype)
 
 
+def _times_pow2(x, exponent):
+    """`x · 2^exponent` for `|exponent|` up to `2 · (maxexp − 2)` of `x`'s float:
+    two exact scalings by normal powers of two, built from their bits (`exp2` may
+    round), exact barring a result that under- or overflows."""
+    finfo = jnp.finfo(x.dtype)
+    int_dtype = jnp.int64 if finfo.bits == 64 else jnp.int32
+    half = exponent // 2
+    for part in (half, exponent - half):
+        biased = (part.astype(int_dtype) + (finfo.maxexp - 1)) << finfo.nmant
+        x = x * jax.lax.bitcast_convert_type(biased, x.dtype)
+    return x
+
+
 def _scale(x, exponent):
     _, float_dtype, _ = _fixed_point_format(x.dtype)
-    return x.astype(float_dtype) * jnp.exp2(exponent.astype(float_dtype))
+    return _times_pow2(x.astype(float_dtype), exponent)
 
 
 def _unscale(ints, exponent, dtype):
     float_dtype = jnp.float64 if ints.dtype == jnp.int64 else jnp.float32
-    scaled = ints.astype(float_dtype) * jnp.exp2(-exponent.astype(float_dtype))
-    return scaled.astype(dtype)
+    return _times_pow2(ints.astype(float_dtype), -exponent).astype(dtype)
 
 
 def _injection(f, beta, exponent):
@@ -468,11 +484,10 @@ def _injection(f, beta, exponent):
     """
     int_dtype, float_dtype, bits = _fixed_point_format(f.dtype)
     f = jax.lax.stop_gradient(f)
-    scale = jnp.exp2(exponent.astype(float_dtype))
-    if f.dtype == float_dtype:
-        scaled = f * (beta * scale)  # scaling by 2^e is exact: one rounding, of β·f
-    else:  # β·f rounds to the dtype of f, as the float iteration would
-        scaled = (beta * f.astype(float_dtype)).astype(f.dtype) * scale
+    # One rounding, of β·f to the dtype of f as the float iteration would; the
+    # scaling by 2^e is exact.
+    beta_f = (beta * f.astype(float_dtype)).astype(f.dtype).astype(float_dtype)
+    scaled = _times_pow2(beta_f, exponent)
     fits = jnp.abs(scaled) < (1 - abs(1 - beta)) * 2.0 ** (bits - 1)
     return scaled.astype(int_dtype), fits
 

@@ -38,8 +38,19 @@ def tree_size(x: PyTree[Array]) -> int:
 
 
 def tree_rms(x: PyTree[Array]) -> Scalar:
-    """Root mean square over every element of every leaf."""
-    return jnp.sqrt(tree_sum_squares(x) / max(tree_size(x), 1))
+    """Root mean square over every element of every leaf.
+
+    Computed on `x` divided by its largest magnitude, so that the squares of a
+    float32 state near 1e30 (or 1e-30) neither overflow nor underflow.
+    """
+    dtype = tree_dtype(x)
+    biggest = jnp.zeros((), dtype)
+    for leaf in jtu.tree_leaves(x):
+        if leaf.size:
+            biggest = jnp.maximum(biggest, jnp.max(jnp.abs(leaf)).astype(dtype))
+    scale = jnp.where(biggest > 0, biggest, jnp.ones((), dtype))
+    scaled = jtu.tree_map(lambda leaf: leaf.astype(dtype) / scale, x)
+    return scale * jnp.sqrt(tree_sum_squares(scaled) / max(tree_size(x), 1))
 
 
 def relative_residual(fz: PyTree[Array], z: PyTree[Array]) -> Scalar:

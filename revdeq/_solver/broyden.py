@@ -2,10 +2,10 @@ from collections.abc import Callable
 
 import equinox as eqx
 import jax.numpy as jnp
-import optimistix as optx
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
+from .._tree import tree_rms
 from .base import (
     AbstractSolver,
     ConvergenceState,
@@ -59,7 +59,7 @@ class Broyden(Unsegmented, AbstractSolver):
     history: int = 8
     rtol: float = eqx.field(converter=float, default=1e-4)
     atol: float = eqx.field(converter=float, default=1e-6)
-    norm: Callable[[PyTree], Scalar] = optx.rms_norm
+    norm: Callable[[PyTree], Scalar] = tree_rms
 
     def __check_init__(self):
         check_tolerances(self)

@@ -1,10 +1,9 @@
 from collections.abc import Callable
 
 import equinox as eqx
-import optimistix as optx
 from jaxtyping import PyTree, Scalar
 
-from .._tree import tree_dtype, tree_lerp
+from .._tree import tree_dtype, tree_lerp, tree_rms
 from .base import (
     AbstractSolver,
     ConvergenceState,
@@ -41,7 +40,7 @@ class FixedPointIteration(Unsegmented, AbstractSolver):
     damping: float = eqx.field(converter=float, default=1.0)
     rtol: float = eqx.field(converter=float, default=1e-4)
     atol: float = eqx.field(converter=float, default=1e-6)
-    norm: Callable[[PyTree], Scalar] = optx.rms_norm
+    norm: Callable[[PyTree], Scalar] = tree_rms
 
     def __check_init__(self):
         check_tolerances(self)

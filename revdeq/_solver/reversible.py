@@ -2,12 +2,11 @@ from collections.abc import Callable
 
 import equinox as eqx
 import jax.numpy as jnp
-import optimistix as optx
 from jaxtyping import Array, Int, PyTree, Scalar
 
 from .._precision import AbstractPrecision, ExactState
 from .._solution import RESULTS
-from .._tree import tree_dtype
+from .._tree import tree_dtype, tree_rms
 from .base import AbstractSolver, ConvergenceState, check_tolerances, no_progress
 
 
@@ -66,7 +65,7 @@ class Reversible(AbstractSolver):
     beta: float = eqx.field(converter=float, default=0.8)
     rtol: float = eqx.field(converter=float, default=1e-4)
     atol: float = eqx.field(converter=float, default=1e-6)
-    norm: Callable[[PyTree], Scalar] = optx.rms_norm
+    norm: Callable[[PyTree], Scalar] = tree_rms
     precision: AbstractPrecision = ExactState()
 
     def __check_init__(self):

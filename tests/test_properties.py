@@ -3,7 +3,7 @@
 For every case, exactly one of two outcomes is allowed: the reconstruction is bit
 for bit and the gradient matches autodiff of a plain float64 loop, or the solve
 reports one of the documented failures and raises under `throw=True`. Never a
-silent wrong gradient. The default profile tries 16 cases from a fixed seed;
+silent wrong gradient. The default profile tries 10 cases from a fixed seed;
 `pytest tests/test_properties.py --hypothesis-profile=thorough
 --hypothesis-show-statistics` tries 300 and counts the outcomes.
 """
@@ -33,7 +33,7 @@ from .helpers import plain_reversible_loop, relative_error
 
 settings.register_profile(
     "ci",
-    max_examples=16,
+    max_examples=10,
     deadline=None,
     derandomize=True,
     # Each case compiles; shrinking a failure would recompile hundreds of times.

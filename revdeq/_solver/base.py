@@ -42,7 +42,17 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
     state carries a `ConvergenceState` as `.progress`.
 
     Convergence is `rms(f(z) − z) < atol + rtol · rms(f(z))`; the strict inequality
-    means `rtol = atol = 0` runs exactly `max_steps` steps.
+    means `rtol = atol = 0` runs exactly `max_steps` steps. The tolerances scale
+    the state as a whole, where optimistix's own solvers scale each element
+    (`max(|f(z) − z| / (atol + rtol · |f(z)|)) < 1`): with the same `rtol`, an
+    element of `f(z)` near zero does not hold back a revdeq solve.
+
+    Every solver runs through `optimistix.fixed_point`, whose adjoints
+    differentiate the solution rather than the path. The iterates of
+    [`revdeq.Anderson`][] and [`revdeq.Broyden`][] are not smooth functions of the
+    input (the step at which a tolerance is met can change, and so can the
+    least-squares or quasi-Newton history), so differentiate them implicitly, not
+    by unrolling.
 
     Besides `init` and `step`, a solver declares how the driver segments its loop
     (`segment_length`, `archive`, `finish`); one that sets nothing aside inherits

@@ -121,10 +121,11 @@ class ResNetTrunk(eqx.Module):
         return self.head(jnp.mean(x, axis=(1, 2)))
 
 
-# The multiscale layout of the paper's CIFAR-10 model (the authors' training script).
 CIFAR10_TRUNK: dict[str, Any] = dict(
     channels=(128, 256, 256, 128), width_expansions=(1, 3, 3, 1), group_size=16
 )
+"""The multiscale layout of the paper's CIFAR-10 model (the authors' training script):
+keyword arguments of [`revdeq.nn.ImplicitResNet`][]."""
 
 
 class ImplicitResNet(eqx.Module):

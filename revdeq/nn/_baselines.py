@@ -108,9 +108,9 @@ class ExplicitResNet(eqx.Module):
             return jax.vmap(model)(images)
 
 
-        model = revdeq.nn.ExplicitResNet((1, 8, 8), 10, channels=(8, 16),
-                                         num_layers=(4, 4), group_size=4,
-                                         key=jax.random.key(0))
+        model = revdeq.nn.ExplicitResNet((1, 8, 8), 10, channels=(8,),
+                                         width_expansions=(1,), num_layers=(4,),
+                                         group_size=4, key=jax.random.key(0))
         logits = predict(model, jnp.zeros((2, 1, 8, 8)))  # (2, 10)
         ```
     """

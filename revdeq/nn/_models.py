@@ -165,7 +165,8 @@ class ImplicitResNet(eqx.Module):
             return jax.vmap(model)(images)
 
 
-        model = revdeq.nn.ImplicitResNet((1, 8, 8), 10, channels=(8, 16),
+        model = revdeq.nn.ImplicitResNet((1, 8, 8), 10, channels=(8,),
+                                         width_expansions=(1,), max_steps=(4,),
                                          group_size=4, key=jax.random.key(0))
         logits = predict(model, jnp.zeros((2, 1, 8, 8)))  # (2, 10)
         ```

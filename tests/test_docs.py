@@ -1,5 +1,5 @@
 """The documentation: every public name has an API entry, and every example in a
-public docstring runs."""
+public docstring or on a page of the site runs."""
 
 import inspect
 import pathlib
@@ -70,3 +70,16 @@ def test_docstring_example_runs(code, tmp_path, monkeypatch):
         exec(compile(code, "<example>", "exec"), {})
     finally:
         jax.config.update("jax_enable_x64", x64)
+
+
+@pytest.mark.parametrize(
+    "page",
+    [page for page in sorted(DOCS.rglob("*.md")) if _PYTHON.search(page.read_text())],
+    ids=lambda page: page.relative_to(DOCS).as_posix(),
+)
+def test_page_examples_run(page, tmp_path, monkeypatch):
+    """The blocks of a page run in turn, in one namespace: a page builds on itself."""
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for code in _PYTHON.findall(page.read_text()):
+        exec(compile(code, str(page), "exec"), namespace)

@@ -6,6 +6,8 @@ constants.
   converter as `Any`. Drop the one, and show the field's declared type for the other.
 - A module constant has no docstring at run time, so inspection gives it its type's
   (`int`'s, `dict`'s). Take the one written below it in the source instead.
+- Inspection expands type aliases (jaxtyping's `PRNGKeyArray`, `DTypeLike`, our
+  `LossFn`) into what they stand for. Show the annotations as the source writes them.
 """
 
 import functools
@@ -42,3 +44,22 @@ class ModuleConstants(griffe.Extension):
             written = _static(attr.parent.path).members.get(attr.name)
             if written is not None and written.is_attribute:
                 attr.docstring = written.docstring
+
+
+class WrittenAnnotations(griffe.Extension):
+    def on_function_instance(self, *, node, func: griffe.Function, **kwargs) -> None:
+        del kwargs
+        obj = inspect.unwrap(node.obj)
+        module, qualname = getattr(obj, "__module__", None), obj.__qualname__
+        if module is None or not module.startswith("revdeq") or "<" in qualname:
+            return
+        written = _static(module)
+        for name in qualname.split("."):
+            written = written.members.get(name) if written is not None else None
+        if not isinstance(written, griffe.Function):
+            return
+        for parameter in func.parameters:
+            if parameter.name in written.parameters:
+                annotation = written.parameters[parameter.name].annotation
+                parameter.annotation = annotation
+        func.returns = written.returns

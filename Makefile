@@ -48,7 +48,8 @@ docs: $(DOCS_STAMP)
 NOTEBOOKS := $(wildcard notebooks/[0-9]*.py)
 notebooks: $(STAMP) data
 	$(VENV)/bin/ruff format $(NOTEBOOKS)
-	$(VENV)/bin/jupytext --to ipynb --update --set-kernel python3 --execute $(NOTEBOOKS)
+	$(VENV)/bin/jupytext --to ipynb --update $(NOTEBOOKS)
+	$(VENV)/bin/jupytext --set-kernel python3 --execute $(NOTEBOOKS:.py=.ipynb)
 	$(VENV)/bin/ruff format $(NOTEBOOKS:.py=.ipynb)
 
 # A wheel and an sdist into dist/, then the wheel installed into a fresh virtual

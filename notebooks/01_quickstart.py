@@ -54,7 +54,7 @@ xs = jax.random.normal(kx, (batch, dim))
 #
 # `revdeq.solve` returns a `Solution` with the fixed-point estimate `value`, a
 # `result` code and `stats`. With `rtol=atol=0` the solver runs exactly `max_steps`
-# steps; reaching `max_steps` is a *budget*, reported in `result`, never an error.
+# steps and the solve is successful (`""`): the budget is the plan.
 
 # %%
 reversible = revdeq.Reversible(beta=0.8, rtol=0, atol=0)

@@ -61,10 +61,9 @@ def resolve_unroll(unroll: bool | None, solver: AbstractSolver, max_steps: int) 
     """
     _check_max_steps(max_steps)
     if unroll is None:
-        fixed = solver.rtol == 0 and solver.atol == 0
         precision = getattr(solver, "precision", None)
         bit_exact = precision is not None and precision.bit_exact
-        return fixed and max_steps <= UNROLL_MAX_STEPS and not bit_exact
+        return solver.fixed_steps and max_steps <= UNROLL_MAX_STEPS and not bit_exact
     if not isinstance(unroll, bool):
         raise ValueError(f"`unroll` must be True, False or None, got {unroll!r}.")
     return unroll
@@ -114,7 +113,7 @@ def iterate(
         step, z, state, _, _ = carry
         z, state, _ = solver.step(aux_fn, z, args, options, state, tags)
         done, result = solver.terminate(aux_fn, z, args, options, state, tags)
-        return step + 1, z, state, done, RESULTS.promote(result)
+        return step + 1, z, state, done, _with_advice(result)
 
     def below(limit):
         def cond(carry):
@@ -154,9 +153,22 @@ def iterate(
         num_segments = -(-max_steps // length)
         final, archived = jax.lax.scan(segment, init, jnp.arange(num_segments))
     num_steps, z, state, done, result = final
-    result = RESULTS.where(done, result, RESULTS.max_steps_reached)
+    if not solver.fixed_steps:
+        result = RESULTS.where(done, result, RESULTS.max_steps_reached)
     state, result = solver.finish(state, archived, result)
     return Iteration(z, state, num_steps, result)
+
+
+def _with_advice(result) -> RESULTS:
+    """A solver's `optimistix.RESULTS` code, with optimistix's generic failures
+    replaced by revdeq's, whose messages say what to do."""
+    result = RESULTS.promote(result)
+    for generic, ours in (
+        (RESULTS.nonlinear_divergence, RESULTS.diverged),
+        (RESULTS.nonfinite, RESULTS.nonfinite_value),
+    ):
+        result = RESULTS.where(result == generic, ours, result)
+    return result
 
 
 def _unless(done: Bool[Array, ""], old: PyTree, new: PyTree) -> PyTree:

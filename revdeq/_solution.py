@@ -8,8 +8,12 @@ from ._custom_types import Y
 class RESULTS(optx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
     """Result codes of [`revdeq.solve`][]. Read a message with `RESULTS[sol.result]`.
 
-    Reaching `max_steps` is the normal budget of DEQ training and is reported, never
-    raised. The other failures raise under `throw=True`.
+    A fixed-step solve (`rtol = atol = 0`, as in RevDEQ training) that completes its
+    `max_steps` steps is `successful`. A solve with tolerances that has not converged
+    within `max_steps` is `max_steps_reached`: reported, never raised, since a step
+    budget is normal in DEQ training. The other failures raise under `throw=True`.
+    An inexact reversible gradient is found in the backward pass, after the
+    `Solution` exists: it raises there, or warns under `throw=False`.
 
     !!! Example
 
@@ -31,13 +35,14 @@ class RESULTS(optx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
     """
 
     diverged = (
-        "The iteration diverged: the state grew far beyond the cell's output. Lower "
-        "the damping or `beta`, or make the cell contractive (normalise its weights)."
+        "The iteration diverged: its residual grew far beyond the smallest one seen. "
+        "Lower the damping or `beta`, or make the cell contractive (normalise its "
+        "weights)."
     )
-    reconstruction_drift = (
-        "The reversible backward pass rebuilt an initial state that differs from the "
-        "true one, so the gradient is not exact. Use the default `ExactState` "
-        "precision, a float64 state, or fewer steps."
+    nonfinite_value = (
+        "A non-finite value (inf or NaN) appeared in `fn(z, args)` or in the state. "
+        "Check the cell and `args` for NaN (`jax_debug_nans` finds the first), start "
+        "from a smaller `z0`, or lower the damping or `beta`."
     )
     state_out_of_range = (
         "The exact fixed-point state left its representable range, or took in a "

@@ -37,15 +37,17 @@ def solve(
     - `fn`: the cell, `fn(z, args) -> z`, returning a pytree of the structure, shapes
         and dtypes of `z`. When `fn` is an `eqx.Module`, its array leaves are
         parameters and receive gradients; arrays it closes over do too.
-    - `z0`: the initial state, any pytree of floating-point arrays.
+    - `z0`: the initial state, any pytree of real floating-point arrays.
     - `args`: the input injected into every call of `fn`.
     - `solver`: the forward solver: [`revdeq.Reversible`][] (default),
         [`revdeq.Anderson`][], [`revdeq.Broyden`][] or
         [`revdeq.FixedPointIteration`][].
     - `adjoint`: the gradient rule; `None` picks [`revdeq.ReversibleAdjoint`][] for
         `Reversible` and [`revdeq.ImplicitAdjoint`][] otherwise.
-    - `max_steps`: the budget of solver steps, at least 1. Reaching it is reported
-        as `RESULTS.max_steps_reached`, never raised: it is the normal budget of DEQ
+    - `max_steps`: the budget of solver steps, at least 1. With `rtol = atol = 0`
+        the solve runs exactly this many steps and is `successful`. With
+        tolerances, not converging within it is reported as
+        `RESULTS.max_steps_reached`, never raised: it is the normal budget of DEQ
         training.
     - `unroll`: run the solver's loop (and the reversible backward pass) as
         straight-line code rather than a `lax.while_loop`. `None` unrolls a
@@ -112,12 +114,18 @@ def _check_state(z0) -> None:
     if not leaves:
         raise ValueError("`z0` must contain at least one array.")
     for path, leaf in jtu.tree_leaves_with_path(z0):
-        if not eqx.is_array(leaf) or not jnp.issubdtype(leaf.dtype, jnp.inexact):
+        where = f"`z0{jtu.keystr(path)}`"
+        if eqx.is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.complexfloating):
+            raise ValueError(
+                f"`z0` must be real; the leaf at {where} is {leaf.dtype}. Solve for "
+                "the real and imaginary parts as a pair of real arrays, e.g. "
+                '`{"re": z.real, "im": z.imag}`.'
+            )
+        if not eqx.is_array(leaf) or not jnp.issubdtype(leaf.dtype, jnp.floating):
             kind = getattr(leaf, "dtype", type(leaf).__name__)
             raise ValueError(
-                f"`z0` must be a pytree of floating-point arrays; the leaf at "
-                f"`z0{jtu.keystr(path)}` is {kind}. Convert it, e.g. with "
-                "`jnp.asarray(z0, jnp.float32)`."
+                f"`z0` must be a pytree of floating-point arrays; the leaf at {where} "
+                f"is {kind}. Convert it, e.g. with `jnp.asarray(z0, jnp.float32)`."
             )
 
 

@@ -26,13 +26,23 @@ def relative_error(x, truth) -> float:
     return float(num / max(den, 1e-300))
 
 
-def run_script(script: str, xla_flags: str = "", env: dict[str, str] | None = None):
-    """Run `script` in a fresh Python with `XLA_FLAGS` and the variables of `env` set
-    (settings read only at start-up), and return the JSON it prints on its last
-    line."""
+def default_float():
+    """JAX's default floating dtype: float64 when x64 is enabled, else float32."""
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
+def script_environment(
+    xla_flags: str = "", env: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of a fresh Python running a test script: the test's x64 and
+    promotion settings, `XLA_FLAGS`, the variables of `env` (settings read only at
+    start-up), and `tests/` and the project on the path."""
     tests = os.path.dirname(__file__)
-    env = {
+    return {
         **os.environ,
+        "JAX_ENABLE_X64": str(default_float() == jnp.float64),
+        "JAX_NUMPY_DTYPE_PROMOTION": jax.config.jax_numpy_dtype_promotion,
+        "JAX_NUMPY_RANK_PROMOTION": jax.config.jax_numpy_rank_promotion,
         **(env or {}),
         "XLA_FLAGS": xla_flags,
         "JAX_PLATFORMS": "cpu",
@@ -40,9 +50,14 @@ def run_script(script: str, xla_flags: str = "", env: dict[str, str] | None = No
             [tests, os.path.dirname(tests), os.environ.get("PYTHONPATH", "")]
         ),
     }
+
+
+def run_script(script: str, xla_flags: str = "", env: dict[str, str] | None = None):
+    """Run `script` in a fresh Python (see `script_environment`) and return the JSON
+    it prints on its last line."""
     result = subprocess.run(
         [sys.executable, "-c", script],
-        env=env,
+        env=script_environment(xla_flags, env),
         capture_output=True,
         text=True,
         timeout=300,

@@ -13,6 +13,10 @@ import pytest
 import revdeq
 
 
+# Examples run as users run them, under JAX's default (standard) dtype promotion;
+# some use optax's Adam, which strict promotion refuses.
+pytestmark = pytest.mark.standard_promotion
+
 DOCS = pathlib.Path(__file__).parent.parent / "docs"
 MODULES = (revdeq, revdeq.nn, revdeq.train, revdeq.data, revdeq.internal)
 

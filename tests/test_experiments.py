@@ -37,6 +37,7 @@ def check_reports(out: pathlib.Path, models, keys) -> None:
     assert (out / "learning_curves.png").stat().st_size > 0
 
 
+@pytest.mark.standard_promotion  # optax's Adam
 def test_image_classification(scripts, tmp_path):
     scripts["image"].main(
         [*TINY, "--model", "all", "--limit-train", "256", "--limit-test", "100",
@@ -50,6 +51,7 @@ def test_image_classification(scripts, tmp_path):
     assert results["revdeq"]["nfe_backward"] == 2  # Two per reversible step.
 
 
+@pytest.mark.standard_promotion  # optax's Adam
 def test_image_classification_resume(scripts, tmp_path):
     args = [*TINY, "--limit-train", "64", "--limit-test", "50", "--channels", "8",
             "--width", "16", "--hidden", "16", "--out", str(tmp_path)]  # fmt: skip
@@ -58,6 +60,7 @@ def test_image_classification_resume(scripts, tmp_path):
     assert resumed["revdeq"]["test_accuracy"] == first["revdeq"]["test_accuracy"]
 
 
+@pytest.mark.standard_promotion  # optax's Adam
 def test_language_model(scripts, tmp_path):
     scripts["language"].main(
         [*TINY, "--limit-train", "64", "--limit-test", "32",

@@ -226,3 +226,39 @@ def test_reversible_backward_evaluates_f_twice_per_step(getkey):
     # One evaluation at z₀, two per step.
     assert forward == evals == 2 * steps + 1
     assert len(count) - forward == 2 * steps
+
+
+@pytest.mark.parametrize(
+    "solver, adjoint, unroll",
+    [
+        (revdeq.Reversible(), None, None),
+        (revdeq.Reversible(rtol=0, atol=0), None, True),
+        (
+            revdeq.Reversible(beta=0.5, rtol=0, atol=0, precision=revdeq.FloatState()),
+            None,
+            None,
+        ),
+        (revdeq.Reversible(rtol=0, atol=0), revdeq.UnrolledAdjoint(), None),
+        (revdeq.Anderson(), None, None),
+        (revdeq.Broyden(), revdeq.PhantomAdjoint(), None),
+    ],
+    ids=["reversible", "line", "float-state", "autodiff", "anderson", "phantom"],
+)
+def test_no_nan_is_created_and_masked(x64, getkey, solver, adjoint, unroll):
+    # Under `jax_debug_nans` any NaN raises where it is made, even if a `where` or a
+    # frozen step would discard it later. The batch stops at different steps.
+    cell, z0, _ = _array_problem(getkey())
+    xs = jax.random.normal(getkey(), (3, 6)) * jnp.array([[0.1], [1.0], [4.0]])
+
+    def loss(cell):
+        def one(x):
+            sol = revdeq.solve(
+                cell, z0, x, solver=solver, adjoint=adjoint, max_steps=10, unroll=unroll
+            )
+            return sol.value
+
+        return jnp.sum(jnp.sin(jax.vmap(one)(xs)))
+
+    with jax.debug_nans(True):
+        grads = eqx.filter_jit(eqx.filter_grad(loss))(cell)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jtu.tree_leaves(grads))

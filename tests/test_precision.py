@@ -14,10 +14,14 @@ import revdeq
 from .helpers import TanhCell, plain_reversible_loop, relative_error, run_script
 
 
+pytestmark = pytest.mark.usefixtures("x64_on_and_off")
+
+
 def _float32_problem(key, dim=32, batch=4):
     k1, k2 = jax.random.split(key)
     cell = TanhCell(dim, key=k1, dtype=jnp.float32)
-    return cell, jnp.zeros((batch, dim)), jax.random.normal(k2, (batch, dim))
+    xs = jax.random.normal(k2, (batch, dim), jnp.float32)
+    return cell, jnp.zeros_like(xs), xs
 
 
 def _batch_grad(single, cell, z0s, xs):
@@ -57,9 +61,9 @@ class _ConvCell(eqx.Module):
 
 @pytest.mark.parametrize("beta", [0.5, 0.8])
 def test_exact_state_conv_cell_matches_float64_truth(getkey, beta):
-    conv = eqx.nn.Conv2d(4, 4, 3, padding=1, key=getkey())
+    conv = eqx.nn.Conv2d(4, 4, 3, padding=1, key=getkey(), dtype=jnp.float32)
     cell = _ConvCell(eqx.tree_at(lambda c: c.weight, conv, 0.5 * conv.weight))
-    xs = jax.random.normal(getkey(), (3, 4, 8, 8))
+    xs = jax.random.normal(getkey(), (3, 4, 8, 8), jnp.float32)
     z0s = jnp.zeros_like(xs)
     solver = revdeq.Reversible(beta=beta, rtol=0, atol=0)
 
@@ -105,7 +109,7 @@ def test_batched_samples_stopping_at_different_steps(getkey, beta):
     # over several buffer words; the batched reverse loop must undo each sample's
     # own steps only.
     cell, z0s, xs = _float32_problem(getkey(), batch=6)
-    xs = xs * jnp.array([0.1, 0.5, 1.0, 2.0, 4.0, 8.0])[:, None]
+    xs = xs * jnp.array([0.1, 0.5, 1.0, 2.0, 4.0, 8.0], jnp.float32)[:, None]
     solver = revdeq.Reversible(beta=beta, rtol=1e-5, atol=0)
     max_steps = 60
 
@@ -215,10 +219,10 @@ _BFLOAT16_SCRIPT = textwrap.dedent(
 
     k1, k2 = jax.random.split(jax.random.key(0))
     cell = Bfloat16Cell(TanhCell(32, key=k1, dtype=jnp.float32))
-    x = jax.random.normal(k2, (32,))
+    x = jax.random.normal(k2, (32,), jnp.float32)
     drifts = [
         float(revdeq.reconstruction_error(
-            cell, jnp.zeros(32), x, max_steps=steps,
+            cell, jnp.zeros(32, jnp.float32), x, max_steps=steps,
             solver=revdeq.Reversible(beta=beta, rtol=0, atol=0),
         ))
         for beta in (0.5, 0.8, 0.9) for steps in (12, 40)

@@ -1,3 +1,6 @@
+import signal
+import subprocess
+import sys
 import textwrap
 
 import equinox as eqx
@@ -55,6 +58,7 @@ def _assert_trees_equal(a, b):
         assert jnp.array_equal(leaf_a, leaf_b)
 
 
+@pytest.mark.standard_promotion  # optax's Adam
 def test_training_lowers_loss():
     model, opt_state, step = _setup()
     data = _dataset(jr.PRNGKey(2))
@@ -67,6 +71,7 @@ def test_training_lowers_loss():
     assert eval_step(model, _dataset(jr.PRNGKey(4)))["accuracy"] > 0.95
 
 
+@pytest.mark.standard_promotion  # optax's Adam
 def test_checkpoint_resume_is_exact(tmp_path):
     data = _dataset(jr.PRNGKey(2))
     model, opt_state, step = _setup()
@@ -123,6 +128,84 @@ def test_checkpoint_ignores_partial_writes(tmp_path):
     assert not partial.exists()
 
 
+def _train_with_checkpoints(directory, last):
+    """Train to step `last`, checkpointing after every step; resume from the latest
+    complete checkpoint in `directory` if there is one."""
+    data = _dataset(jr.PRNGKey(2))
+    model, opt_state, step = _setup()
+    first, key = 0, jr.PRNGKey(3)
+    if rt.latest_checkpoint(directory) is not None:
+        first, model, opt_state, extra = rt.restore_checkpoint(
+            directory, model, opt_state
+        )
+        key = jnp.asarray(extra["key"], jnp.uint32)
+    for i in range(first, last):
+        model, opt_state, key, _ = _train(step, model, opt_state, key, data, i, i + 1)
+        rt.save_checkpoint(directory, i + 1, model, opt_state, {"key": key})
+    return first, model, opt_state
+
+
+# Killed by SIGKILL while it writes the checkpoint of step 6: the file is written
+# but not yet renamed into place.
+_KILLED_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import test_train as t
+
+    replace = os.replace
+
+    def replace_or_die(tmp, path):
+        if str(path).endswith("checkpoint_000000006.eqx"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        replace(tmp, path)
+
+    os.replace = replace_or_die
+    t._train_with_checkpoints(sys.argv[1], 10)
+    """
+)
+
+
+@pytest.mark.standard_promotion  # optax's Adam
+def test_training_killed_while_checkpointing_resumes_exactly(tmp_path):
+    from .helpers import script_environment
+
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_SCRIPT, str(tmp_path / "killed")],
+        env=script_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = sorted(path.name for path in (tmp_path / "killed").iterdir())
+    assert len(left) == 4 and left[0].startswith(".checkpoint_")  # steps 3 to 5
+    assert rt.latest_checkpoint(tmp_path / "killed").name == "checkpoint_000000005.eqx"
+
+    first, resumed, resumed_opt_state = _train_with_checkpoints(tmp_path / "killed", 10)
+    assert first == 5
+    _, full, full_opt_state = _train_with_checkpoints(tmp_path / "full", 10)
+    _assert_trees_equal(resumed, full)
+    _assert_trees_equal(resumed_opt_state, full_opt_state)
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (lambda data: data[:-100], "bytes of arrays"),
+        (lambda data: data[:-100] + bytes([data[-100] ^ 1]) + data[-99:], "SHA-256"),
+        (lambda data: b"\x00garbage" + data, "not a revdeq checkpoint header"),
+        (lambda data: data[:10], "not a revdeq checkpoint header"),
+    ],
+    ids=["truncated", "bit-flip", "header", "cut-header"],
+)
+def test_damaged_checkpoint_is_refused_by_name(tmp_path, damage, why):
+    model, opt_state, _ = _setup()
+    path = rt.save_checkpoint(tmp_path, 7, model, opt_state)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ValueError, match=f"{path}.*damaged.*{why}"):
+        rt.restore_checkpoint(tmp_path, model, opt_state)
+
+
 def test_checkpoint_extra(tmp_path):
     model, opt_state, _ = _setup()
     typed_key = jr.key(7)
@@ -138,6 +221,7 @@ def test_checkpoint_extra(tmp_path):
     assert rt.latest_checkpoint(tmp_path).name == "checkpoint_000000000.eqx"
 
 
+@pytest.mark.standard_promotion  # optax's Adam
 def test_optimiser_schedule():
     # With a constant gradient, each AdamW update is (minus) the learning rate.
     optimiser = rt.make_optimiser(
@@ -191,6 +275,7 @@ def test_metrics_logger_and_plot(tmp_path):
         rt.plot_learning_curves({"b": other}, "accuracy", out)
 
 
+@pytest.mark.standard_promotion  # optax's Adam
 def test_data_parallel_single_device():
     parallel = rt.DataParallel()
     model, opt_state, step = _setup()
@@ -252,6 +337,7 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.standard_promotion  # optax's Adam
 def test_data_parallel_matches_single_device():
     # Imported here: the script imports this module as a top-level one.
     from .helpers import run_script

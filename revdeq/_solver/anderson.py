@@ -114,7 +114,7 @@ def _mixing_weights(residuals, valid, regularisation):
     """Solve `min ‖αᵀG‖²` s.t. `Σα = 1` over the valid rows of `G`."""
     both = valid[:, None] & valid[None, :]
     gram = jnp.where(both, residuals @ residuals.T, 0)
-    mean_sq = jnp.trace(gram) / jnp.sum(valid)
+    mean_sq = jnp.trace(gram) / jnp.sum(valid, dtype=gram.dtype)
     tiny = jnp.finfo(gram.dtype).tiny
     ridge = jnp.maximum(regularisation * mean_sq, tiny)
     # Invalid rows become identity rows with a zero right-hand side, so α_i = 0.

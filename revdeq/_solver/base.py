@@ -53,6 +53,12 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
     atol: eqx.AbstractVar[float]
     norm: eqx.AbstractVar[Callable[[PyTree], Scalar]]
 
+    @property
+    def fixed_steps(self) -> bool:
+        """Whether every solve runs exactly `max_steps` steps (`rtol = atol = 0`),
+        barring failure: the step budget is then the whole plan."""
+        return self.rtol == 0 and self.atol == 0
+
     def progress(
         self, fz, z, previous: ConvergenceState, new_evals
     ) -> ConvergenceState:
@@ -82,8 +88,8 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
         return p.converged | ~finite | diverged, result
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
-        del fn, aux, args, options, state, tags, result
-        return y, None, {}
+        del fn, args, options, state, tags, result
+        return y, aux, {}
 
     @abc.abstractmethod
     def init(self, fn, y, args, options, f_struct, aux_struct, tags) -> Any: ...

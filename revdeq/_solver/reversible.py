@@ -132,5 +132,5 @@ class Reversible(AbstractSolver):
         # Checked once: a lost state stays lost until the loop ends. A loop that
         # stopped on a non-finite residual has already named the likelier cause.
         status = self.precision.status((state.y, state.z))
-        keep = (status == RESULTS.successful) | (result == RESULTS.nonfinite)
+        keep = (status == RESULTS.successful) | (result == RESULTS.nonfinite_value)
         return state, RESULTS.where(keep, result, status)

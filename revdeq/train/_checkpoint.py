@@ -1,3 +1,5 @@
+import hashlib
+import io
 import json
 import os
 import pathlib
@@ -80,11 +82,11 @@ def save_checkpoint(
     """Save a training checkpoint atomically, keeping only the latest few.
 
     One checkpoint is one file, `checkpoint_<step>.eqx`: a line of JSON holding
-    `step` and `extra`, followed by the array leaves of `(model, opt_state)` written
-    with `eqx.tree_serialise_leaves`. No pickle is involved. The file is written to a
-    temporary name in the same directory, flushed to disk and renamed into place, so
-    a crash never leaves a partial checkpoint; leftover temporary files from such a
-    crash are deleted.
+    `step`, `extra` and the size and SHA-256 of what follows, the array leaves of
+    `(model, opt_state)` written with `eqx.tree_serialise_leaves`. No pickle is
+    involved. The file is written to a temporary name in the same directory, flushed
+    to disk and renamed into place, so a crash, even a `SIGKILL`, never leaves a
+    partial checkpoint; leftover temporary files from such a crash are deleted.
 
     For an exact resume, put in `extra` everything else the run depends on: the
     position in the data iterator and the PRNG key. Arrays in `extra` (PRNG keys
@@ -131,13 +133,21 @@ def save_checkpoint(
     for stale in directory.glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}"):
         stale.unlink(missing_ok=True)
 
-    header = json.dumps({"step": step, "extra": extra or {}}, default=_to_json)
+    arrays = io.BytesIO()
+    eqx.tree_serialise_leaves(arrays, (model, opt_state))
+    arrays = arrays.getvalue()
+    header = {
+        "step": step,
+        "extra": extra or {},
+        "size": len(arrays),
+        "sha256": hashlib.sha256(arrays).hexdigest(),
+    }
     path = directory / f"{_PREFIX}{step:09d}{_SUFFIX}"
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(header.encode() + b"\n")
-            eqx.tree_serialise_leaves(f, (model, opt_state))
+            f.write(json.dumps(header, default=_to_json).encode() + b"\n")
+            f.write(arrays)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -183,7 +193,9 @@ def restore_checkpoint(
 
     **Raises:**
 
-    `FileNotFoundError` if there is no such checkpoint.
+    `FileNotFoundError` if there is no such checkpoint, and `ValueError`, naming the
+    file, if it is truncated or corrupted: its size and checksum are verified
+    before any array is read.
 
     !!! Example
 
@@ -217,7 +229,27 @@ def restore_checkpoint(
             f"`directory` {directory} does not hold {which}; it holds steps "
             f"{sorted(checkpoints)}."
         )
-    with open(checkpoints[step], "rb") as f:
-        header = json.loads(f.readline())
-        model, opt_state = eqx.tree_deserialise_leaves(f, (like_model, like_opt_state))
+    path = checkpoints[step]
+    with open(path, "rb") as f:
+        header, arrays = f.readline(), f.read()
+    try:
+        header = json.loads(header)
+        size, digest = header["size"], header["sha256"]
+    except (ValueError, KeyError, TypeError):
+        raise _damaged(
+            path, "its first line is not a revdeq checkpoint header"
+        ) from None
+    if len(arrays) != size:
+        raise _damaged(path, f"it holds {len(arrays)} bytes of arrays, not {size}")
+    if hashlib.sha256(arrays).hexdigest() != digest:
+        raise _damaged(path, "its arrays do not match their SHA-256 checksum")
+    like = (like_model, like_opt_state)
+    model, opt_state = eqx.tree_deserialise_leaves(io.BytesIO(arrays), like)
     return header["step"], model, opt_state, header["extra"]
+
+
+def _damaged(path: pathlib.Path, why: str) -> ValueError:
+    return ValueError(
+        f"The checkpoint {path} is damaged: {why}. Delete it to resume from the "
+        "checkpoint before it."
+    )

@@ -1,14 +1,19 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.docs-installed
 
-.PHONY: test demo data bench lint clean
+.PHONY: test demo data bench lint docs notebooks package clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,docs]'
+	touch $(DOCS_STAMP)
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
@@ -33,5 +38,26 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The site, into site/. Strict: a broken cross-reference fails the build.
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# The notebooks' sources are the percent-format .py files beside them: write each
+# .ipynb from its source, execute it in place, and format both.
+# `make notebooks NOTEBOOKS=notebooks/01_quickstart.py` runs one.
+NOTEBOOKS := $(wildcard notebooks/[0-9]*.py)
+notebooks: $(STAMP) data
+	$(VENV)/bin/ruff format $(NOTEBOOKS)
+	$(VENV)/bin/jupytext --to ipynb --update $(NOTEBOOKS)
+	$(VENV)/bin/jupytext --set-kernel python3 --execute $(NOTEBOOKS:.py=.ipynb)
+	$(VENV)/bin/ruff format $(NOTEBOOKS:.py=.ipynb)
+
+# A wheel and an sdist into dist/, then the wheel installed into a fresh virtual
+# environment outside the checkout, where it must solve and differentiate.
+package: $(STAMP)
+	rm -rf dist
+	$(PY) -m build
+	$(PY) -m pytest -q -m package tests/test_package.py
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) site dist

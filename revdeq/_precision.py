@@ -112,8 +112,15 @@ class FloatState(AbstractPrecision):
     !!! Example
 
         ```python
+        import jax
+        import jax.numpy as jnp
+        import revdeq
+
+
         jax.config.update("jax_enable_x64", True)
         solver = revdeq.Reversible(beta=0.8, precision=revdeq.FloatState(jnp.float64))
+        z0, x = jnp.zeros(4, jnp.float32), jnp.ones(4, jnp.float32)  # a float32 cell
+        sol = revdeq.solve(lambda z, x: jnp.tanh(0.5 * z + x), z0, x, solver=solver)
         ```
     """
 
@@ -306,8 +313,17 @@ class ExactState(AbstractPrecision):
     !!! Example
 
         ```python
+        import jax
+        import jax.numpy as jnp
+        import revdeq
+
+
+        cell = revdeq.nn.MLPCell(dim=8, hidden=16, key=jax.random.key(0))
+        x = jnp.ones(8)
+
         solver = revdeq.Reversible(beta=0.9, precision=revdeq.ExactState())  # default
-        revdeq.reconstruction_error(cell, z0, x, solver=solver, max_steps=64)  # 0.0
+        err = revdeq.reconstruction_error(cell, jnp.zeros(8), x, solver=solver,
+                                          max_steps=16)  # 0.0
         ```
     """
 

@@ -18,9 +18,19 @@ class RESULTS(optx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
     !!! Example
 
         ```python
-        sol = revdeq.solve(cell, z0, x, max_steps=4, throw=False)
+        import jax.numpy as jnp
+        import revdeq
+
+
+        def cell(z, x):
+            return jnp.tanh(0.5 * z + x)
+
+
+        z0, x = jnp.zeros(4), jnp.ones(4)
+
+        sol = revdeq.solve(cell, z0, x, max_steps=2, throw=False)
         if sol.result != revdeq.RESULTS.successful:
-            print(revdeq.RESULTS[sol.result])
+            print(revdeq.RESULTS[sol.result])  # the budget ran out: not an error
         ```
     """
 
@@ -55,6 +65,16 @@ class Solution(eqx.Module):
     !!! Example
 
         ```python
+        import jax.numpy as jnp
+        import revdeq
+
+
+        def cell(z, x):
+            return jnp.tanh(0.5 * z + x)
+
+
+        z0, x = jnp.zeros(4), jnp.ones(4)
+
         sol = revdeq.solve(cell, z0, x, max_steps=8)
         sol.value, sol.stats["num_steps"], sol.stats["residual"]
         ```

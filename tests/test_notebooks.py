@@ -1,13 +1,27 @@
-"""Every tutorial notebook executes top to bottom in a fresh kernel without error."""
+"""Every tutorial notebook executes top to bottom in a fresh kernel without error, and
+matches its source: the percent-format script beside it (see `make notebooks`)."""
 
 import pathlib
 
+import jupytext
 import nbclient
 import nbformat
 import pytest
 
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+
+
+def _cells(nb):
+    return [(cell.cell_type, cell.source) for cell in nb.cells]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_matches_source(path):
+    source = jupytext.read(path.with_suffix(".py"))
+    assert _cells(nbformat.read(path, as_version=4)) == _cells(source), (
+        f"{path.name} differs from its source; run `make notebooks`."
+    )
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -48,6 +48,16 @@ class ImplicitAdjoint(AbstractAdjoint):
         ```python
         import lineax as lx
 
+        import jax.numpy as jnp
+        import revdeq
+
+
+        def cell(z, x):
+            return jnp.tanh(0.5 * z + x)
+
+
+        z0, x = jnp.zeros(4), jnp.ones(4)
+
         adjoint = revdeq.ImplicitAdjoint(linear_solver=lx.GMRES(rtol=1e-6, atol=1e-6))
         sol = revdeq.solve(cell, z0, x, solver=revdeq.Anderson(), adjoint=adjoint,
                            max_steps=50)

@@ -42,6 +42,16 @@ class PhantomAdjoint(AbstractAdjoint):
     !!! Example
 
         ```python
+        import jax.numpy as jnp
+        import revdeq
+
+
+        def cell(z, x):
+            return jnp.tanh(0.5 * z + x)
+
+
+        z0, x = jnp.zeros(4), jnp.ones(4)
+
         adjoint = revdeq.PhantomAdjoint(steps=5, damping=0.5)
         sol = revdeq.solve(cell, z0, x, solver=revdeq.Anderson(), adjoint=adjoint,
                            max_steps=20)

@@ -40,10 +40,21 @@ class ReversibleAdjoint(AbstractAdjoint):
     !!! Example
 
         ```python
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+        import revdeq
+
+
+        cell = revdeq.nn.MLPCell(dim=8, hidden=16, key=jax.random.key(0))
+        x = jnp.ones(8)
+
+
         def loss(cell, x):
             sol = revdeq.solve(cell, jnp.zeros(8), x, solver=revdeq.Reversible(),
                                adjoint=revdeq.ReversibleAdjoint(), max_steps=16)
             return jnp.sum(sol.value ** 2)
+
 
         grads = eqx.filter_grad(loss)(cell, x)
         ```
@@ -333,7 +344,15 @@ def reconstruction_error(
     !!! Example
 
         ```python
-        err = revdeq.reconstruction_error(cell, z0, x, max_steps=64,
+        import jax
+        import jax.numpy as jnp
+        import revdeq
+
+
+        cell = revdeq.nn.MLPCell(dim=8, hidden=16, key=jax.random.key(0))
+        x = jnp.ones(8)
+
+        err = revdeq.reconstruction_error(cell, jnp.zeros(8), x, max_steps=16,
                                           solver=revdeq.Reversible(beta=0.9))
         ```
     """

@@ -18,6 +18,16 @@ class UnrolledAdjoint(AbstractAdjoint):
     !!! Example
 
         ```python
+        import jax.numpy as jnp
+        import revdeq
+
+
+        def cell(z, x):
+            return jnp.tanh(0.5 * z + x)
+
+
+        z0, x = jnp.zeros(4), jnp.ones(4)
+
         sol = revdeq.solve(cell, z0, x, solver=revdeq.Reversible(rtol=0, atol=0),
                            adjoint=revdeq.UnrolledAdjoint(), max_steps=8)
         ```

@@ -55,6 +55,16 @@ class Anderson(Unsegmented, AbstractSolver):
     !!! Example
 
         ```python
+        import jax.numpy as jnp
+        import revdeq
+
+
+        def cell(z, x):
+            return jnp.tanh(0.5 * z + x)
+
+
+        z0, x = jnp.zeros(4), jnp.ones(4)
+
         sol = revdeq.solve(cell, z0, x, solver=revdeq.Anderson(history=5),
                            adjoint=revdeq.ImplicitAdjoint(), max_steps=30)
         ```

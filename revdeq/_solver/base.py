@@ -133,6 +133,9 @@ class Unsegmented(eqx.Module):
     !!! Example
 
         ```python
+        import revdeq
+
+
         class Picard(revdeq.internal.Unsegmented, revdeq.AbstractSolver):
             ...  # init, step and the convergence fields, as FixedPointIteration
         ```

@@ -51,6 +51,16 @@ class Broyden(Unsegmented, AbstractSolver):
     !!! Example
 
         ```python
+        import jax.numpy as jnp
+        import revdeq
+
+
+        def cell(z, x):
+            return jnp.tanh(0.5 * z + x)
+
+
+        z0, x = jnp.zeros(4), jnp.ones(4)
+
         sol = revdeq.solve(cell, z0, x, solver=revdeq.Broyden(history=8),
                            adjoint=revdeq.ImplicitAdjoint(), max_steps=30)
         ```

@@ -31,6 +31,10 @@ class FixedPointIteration(Unsegmented, AbstractSolver):
     !!! Example
 
         ```python
+        import jax.numpy as jnp
+        import revdeq
+
+
         sol = revdeq.solve(lambda z, x: jnp.tanh(0.5 * z + x), jnp.zeros(3),
                            jnp.ones(3), solver=revdeq.FixedPointIteration(),
                            adjoint=revdeq.ImplicitAdjoint(), max_steps=50)

@@ -56,6 +56,16 @@ class Reversible(AbstractSolver):
     !!! Example
 
         ```python
+        import jax.numpy as jnp
+        import revdeq
+
+
+        def cell(z, x):
+            return jnp.tanh(0.5 * z + x)
+
+
+        z0, x = jnp.zeros(4), jnp.ones(4)
+
         solver = revdeq.Reversible(beta=0.8, rtol=0, atol=0)  # exactly max_steps
         sol = revdeq.solve(cell, z0, x, solver=solver,
                            adjoint=revdeq.ReversibleAdjoint(), max_steps=4)

@@ -77,8 +77,15 @@ def image_batches(
     !!! Example
 
         ```python
-        images, labels = revdeq.data.load_fashion_mnist()["train"]
-        for epoch in range(num_epochs):
+        import jax
+        import numpy as np
+        import revdeq
+
+
+        # Or `images, labels = revdeq.data.load_fashion_mnist()["train"]`.
+        images, labels = np.zeros((1000, 28, 28), np.uint8), np.zeros(1000, np.int32)
+        data_key = jax.random.key(0)
+        for epoch in range(2):
             key = jax.random.fold_in(data_key, epoch)
             for x, y in revdeq.data.image_batches(images, labels, 128, key=key):
                 ...  # x: (128, 28, 28, 1) float32, y: (128,) int32
@@ -134,11 +141,15 @@ def sequence_batches(
     !!! Example
 
         ```python
-        corpus = revdeq.data.load_text_corpus()
+        import jax
+        import revdeq
+
+
+        corpus = revdeq.data.load_text_corpus(max_bytes=100_000)
         for inputs, targets in revdeq.data.sequence_batches(
-            corpus["train"], seq_len=128, batch_size=16, key=jax.random.PRNGKey(0)
+            corpus["train"], seq_len=128, batch_size=16, key=jax.random.key(0)
         ):
-            ...
+            ...  # inputs, targets: (16, 128) int32, targets shifted by one byte
         ```
     """
     if seq_len < 1:

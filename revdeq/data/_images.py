@@ -88,6 +88,9 @@ def load_fashion_mnist(
     !!! Example
 
         ```python
+        import revdeq
+
+
         data = revdeq.data.load_fashion_mnist()
         images, labels = data["train"]  # (60000, 28, 28) uint8, (60000,) int32
         ```
@@ -130,7 +133,10 @@ def load_cifar10() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
     !!! Example
 
-        ```python
+        ```py
+        import revdeq
+
+
         images, labels = revdeq.data.load_cifar10()["train"]
         ```
     """

@@ -90,9 +90,13 @@ def load_text_corpus(
     !!! Example
 
         ```python
-        corpus = revdeq.data.load_text_corpus(max_bytes=10_000_000)
+        import jax
+        import revdeq
+
+
+        corpus = revdeq.data.load_text_corpus(max_bytes=1_000_000)
         batches = revdeq.data.sequence_batches(
-            corpus["train"], seq_len=256, batch_size=32, key=jax.random.PRNGKey(0)
+            corpus["train"], seq_len=256, batch_size=32, key=jax.random.key(0)
         )
         ```
     """
@@ -140,7 +144,10 @@ def load_wikitext103() -> dict[str, np.ndarray]:
 
     !!! Example
 
-        ```python
+        ```py
+        import revdeq
+
+
         corpus = revdeq.data.load_wikitext103()
         text = corpus["validation"].tobytes().decode()
         ```

@@ -31,10 +31,16 @@ class ExplicitStack(eqx.Module):
     !!! Example
 
         ```python
+        import jax
+        import jax.numpy as jnp
+        import revdeq
+
+
         stack = revdeq.nn.ExplicitStack(
-            lambda k: revdeq.nn.MLPCell(16, 32, key=k), num_layers=8, key=key
+            lambda k: revdeq.nn.MLPCell(16, 32, key=k), num_layers=8,
+            key=jax.random.key(0),
         )
-        z, stats = stack(x)  # x: (16,)
+        z, stats = stack(jnp.ones(16))  # x: (16,)
         ```
     """
 
@@ -91,8 +97,21 @@ class ExplicitResNet(eqx.Module):
     !!! Example
 
         ```python
-        model = revdeq.nn.ExplicitResNet((3, 32, 32), 10, num_layers=(8, 8), key=key)
-        logits = jax.vmap(model)(images)
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+        import revdeq
+
+
+        @eqx.filter_jit
+        def predict(model, images):
+            return jax.vmap(model)(images)
+
+
+        model = revdeq.nn.ExplicitResNet((1, 8, 8), 10, channels=(8,),
+                                         width_expansions=(1,), num_layers=(4,),
+                                         group_size=4, key=jax.random.key(0))
+        logits = predict(model, jnp.zeros((2, 1, 8, 8)))  # (2, 10)
         ```
     """
 
@@ -155,8 +174,20 @@ class ExplicitLanguageModel(eqx.Module):
     !!! Example
 
         ```python
-        model = revdeq.nn.ExplicitLanguageModel(256, 64, 128, 4, key=key)
-        logits = jax.vmap(model)(tokens)  # tokens: int (batch, 64)
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+        import revdeq
+
+
+        @eqx.filter_jit
+        def predict(model, tokens):
+            return jax.vmap(model)(tokens)
+
+
+        model = revdeq.nn.ExplicitLanguageModel(256, 8, 16, 2, key=jax.random.key(0))
+        tokens = jnp.zeros((2, 8), jnp.int32)  # (batch, seq_len)
+        logits = predict(model, tokens)  # (2, 8, 256)
         ```
     """
 

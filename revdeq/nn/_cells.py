@@ -19,8 +19,13 @@ class MLPCell(eqx.Module):
     !!! Example
 
         ```python
-        cell = revdeq.nn.MLPCell(dim=16, hidden=32, key=jr.key(0))
-        z_new = cell(jnp.zeros(16), x)  # x: (16,)
+        import jax
+        import jax.numpy as jnp
+        import revdeq
+
+
+        cell = revdeq.nn.MLPCell(dim=16, hidden=32, key=jax.random.key(0))
+        z_new = cell(jnp.zeros(16), jnp.ones(16))  # z, x: (16,)
         ```
     """
 
@@ -91,8 +96,14 @@ class ConvCell(eqx.Module):
     !!! Example
 
         ```python
-        cell = revdeq.nn.ConvCell(channels=16, hidden_channels=32, groups=4, key=key)
-        z_new = cell(jnp.zeros((16, 8, 8)), x)  # x: (16, 8, 8)
+        import jax
+        import jax.numpy as jnp
+        import revdeq
+
+
+        cell = revdeq.nn.ConvCell(channels=16, hidden_channels=32, groups=4,
+                                  key=jax.random.key(0))
+        z_new = cell(jnp.zeros((16, 8, 8)), jnp.ones((16, 8, 8)))  # z, x: (16, 8, 8)
         ```
     """
 
@@ -186,8 +197,15 @@ class TransformerCell(eqx.Module):
     !!! Example
 
         ```python
-        cell = revdeq.nn.TransformerCell(dim=32, num_heads=4, mlp_ratio=4, key=key)
-        z_new = cell(jnp.zeros((10, 32)), embeddings)  # embeddings: (10, 32)
+        import jax
+        import jax.numpy as jnp
+        import revdeq
+
+
+        cell = revdeq.nn.TransformerCell(dim=32, num_heads=4, mlp_ratio=4,
+                                         key=jax.random.key(0))
+        embeddings = jnp.ones((10, 32))  # (seq_len, dim)
+        z_new = cell(jnp.zeros((10, 32)), embeddings)
         ```
     """
 

@@ -62,12 +62,18 @@ class DEQ(eqx.Module):
     !!! Example
 
         ```python
-        cell = revdeq.nn.MLPCell(dim=16, hidden=32, key=key)
+        import jax
+        import jax.numpy as jnp
+        import revdeq
+
+
+        cell = revdeq.nn.MLPCell(dim=16, hidden=32, key=jax.random.key(0))
         deq = revdeq.nn.DEQ(
             cell, (16,), solver=revdeq.Reversible(beta=0.8, rtol=0, atol=0),
             adjoint=revdeq.ReversibleAdjoint(), max_steps=4,
         )
-        z_star, stats = jax.vmap(deq)(xs)  # xs: (batch, 16)
+        xs = jnp.ones((5, 16))  # (batch, 16)
+        z_star, stats = jax.vmap(deq)(xs)
         ```
     """
 

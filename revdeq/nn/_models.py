@@ -121,10 +121,11 @@ class ResNetTrunk(eqx.Module):
         return self.head(jnp.mean(x, axis=(1, 2)))
 
 
-# The multiscale layout of the paper's CIFAR-10 model (the authors' training script).
 CIFAR10_TRUNK: dict[str, Any] = dict(
     channels=(128, 256, 256, 128), width_expansions=(1, 3, 3, 1), group_size=16
 )
+"""The multiscale layout of the paper's CIFAR-10 model (the authors' training script):
+keyword arguments of [`revdeq.nn.ImplicitResNet`][]."""
 
 
 class ImplicitResNet(eqx.Module):
@@ -153,8 +154,21 @@ class ImplicitResNet(eqx.Module):
     !!! Example
 
         ```python
-        model = revdeq.nn.ImplicitResNet((3, 32, 32), 10, key=key)
-        logits = jax.vmap(model)(images)  # (batch, 10)
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+        import revdeq
+
+
+        @eqx.filter_jit
+        def predict(model, images):
+            return jax.vmap(model)(images)
+
+
+        model = revdeq.nn.ImplicitResNet((1, 8, 8), 10, channels=(8,),
+                                         width_expansions=(1,), max_steps=(4,),
+                                         group_size=4, key=jax.random.key(0))
+        logits = predict(model, jnp.zeros((2, 1, 8, 8)))  # (2, 10)
         ```
     """
 
@@ -324,8 +338,20 @@ class DEQLanguageModel(eqx.Module):
     !!! Example
 
         ```python
-        model = revdeq.nn.DEQLanguageModel(256, 64, 128, 4, key=key)
-        logits = jax.vmap(model)(tokens)  # tokens: int (batch, 64)
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+        import revdeq
+
+
+        @eqx.filter_jit
+        def predict(model, tokens):
+            return jax.vmap(model)(tokens)
+
+
+        model = revdeq.nn.DEQLanguageModel(256, 8, 16, 2, key=jax.random.key(0))
+        tokens = jnp.zeros((2, 8), jnp.int32)  # (batch, seq_len)
+        logits = predict(model, tokens)  # (2, 8, 256)
         ```
     """
 

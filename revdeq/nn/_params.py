@@ -17,7 +17,13 @@ def count_parameters(model: PyTree) -> int:
     !!! Example
 
         ```python
-        revdeq.nn.count_parameters(eqx.nn.Linear(3, 4, key=key))  # 3 * 4 + 4 = 16
+        import equinox as eqx
+        import jax
+        import revdeq
+
+
+        linear = eqx.nn.Linear(3, 4, key=jax.random.key(0))
+        revdeq.nn.count_parameters(linear)  # 3 * 4 weights + 4 biases = 16
         ```
     """
     params = eqx.filter(model, eqx.is_inexact_array)

@@ -64,9 +64,19 @@ def jacobian_frobenius_penalty(
     !!! Example
 
         ```python
+        import jax
+        import jax.numpy as jnp
+        import revdeq
+
+
+        cell = revdeq.nn.MLPCell(dim=16, hidden=32, key=jax.random.key(0))
+        deq = revdeq.nn.DEQ(cell, (16,), solver=revdeq.Reversible(),
+                            adjoint=revdeq.ReversibleAdjoint(), max_steps=8)
+        x = jnp.ones(16)
         z_star, _ = deq(x)
-        loss = task_loss + gamma * revdeq.nn.jacobian_frobenius_penalty(
-            lambda z, x: deq.cell(z, x), z_star, x, key=key
+        task_loss = jnp.mean(z_star**2)
+        loss = task_loss + 0.1 * revdeq.nn.jacobian_frobenius_penalty(
+            deq.cell, z_star, x, key=jax.random.key(1)
         )
         ```
     """
@@ -119,12 +129,25 @@ def fixed_point_correction_loss(
     !!! Example
 
         ```python
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+        import optax
+        import revdeq
+
+
+        cell = revdeq.nn.MLPCell(dim=16, hidden=32, key=jax.random.key(0))
+        head = eqx.nn.Linear(16, 10, key=jax.random.key(1))
+        x, label = jnp.ones(16), jnp.array(3)
+        z_star = revdeq.solve(cell, jnp.zeros(16), x, max_steps=8).value
+
         z, iterates = z_star, []
         for _ in range(4):  # a few differentiable steps from the fixed point
             z = cell(z, x)
             iterates.append(z)
         loss = revdeq.nn.fixed_point_correction_loss(
-            lambda z: cross_entropy(head(z), label), iterates[1::2]
+            lambda z: optax.softmax_cross_entropy_with_integer_labels(head(z), label),
+            iterates[1::2],
         )
         ```
     """
@@ -175,7 +198,12 @@ def apply_weight_norm(module: _Module) -> _Module:
     !!! Example
 
         ```python
-        cell = revdeq.nn.apply_weight_norm(revdeq.nn.ConvCell(16, 32, 4, key=key))
+        import jax
+        import revdeq
+
+
+        cell = revdeq.nn.ConvCell(16, 32, 4, key=jax.random.key(0))
+        cell = revdeq.nn.apply_weight_norm(cell)
         ```
 
     !!! Note "Spectral normalisation"

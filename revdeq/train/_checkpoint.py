@@ -60,7 +60,10 @@ def latest_checkpoint(directory: str | os.PathLike) -> pathlib.Path | None:
     !!! Example
 
         ```python
-        path = revdeq.train.latest_checkpoint("runs/demo/revdeq/checkpoints")
+        import revdeq
+
+
+        path = revdeq.train.latest_checkpoint("runs/ckpt")  # None before the first save
         ```
     """
     checkpoints = _checkpoints(pathlib.Path(directory))
@@ -107,8 +110,18 @@ def save_checkpoint(
     !!! Example
 
         ```python
+        import equinox as eqx
+        import jax
+        import optax
+        import revdeq
+
+
+        model = eqx.nn.Linear(4, 3, key=jax.random.key(0))
+        opt_state = revdeq.train.init_optimiser(optax.adamw(1e-3), model)
+
+        epoch, i, key = 0, 100, jax.random.key(1)
         extra = {"epoch": epoch, "batch": i, "key": key}
-        revdeq.train.save_checkpoint("runs/ckpt", step, model, opt_state, extra)
+        revdeq.train.save_checkpoint("runs/ckpt", 100, model, opt_state, extra)
         ```
     """
     if step < 0:
@@ -187,11 +200,24 @@ def restore_checkpoint(
     !!! Example
 
         ```python
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+        import optax
+        import revdeq
+
+
+        model = eqx.nn.Linear(4, 3, key=jax.random.key(0))
+        opt_state = revdeq.train.init_optimiser(optax.adamw(1e-3), model)
+
+        revdeq.train.save_checkpoint("runs/ckpt", 100, model, opt_state,
+                                     {"key": jax.random.key(1)})
+
         if revdeq.train.latest_checkpoint("runs/ckpt") is not None:
             step, model, opt_state, extra = revdeq.train.restore_checkpoint(
                 "runs/ckpt", model, opt_state
             )
-            key = jnp.asarray(extra["key"], jnp.uint32)
+            key = jax.random.wrap_key_data(jnp.asarray(extra["key"], jnp.uint32))
         ```
     """
     checkpoints = _checkpoints(pathlib.Path(directory))

@@ -18,9 +18,12 @@ class MetricsLogger:
     !!! Example
 
         ```python
+        import revdeq
+
+
         logger = revdeq.train.MetricsLogger("runs/a/metrics.jsonl")
-        model, opt_state, metrics = step(model, opt_state, batch, key)
-        logger.log(step=i, split="train", **metrics)
+        for i, loss in enumerate([2.3, 1.7, 1.2]):
+            logger.log(step=i, split="train", loss=loss)
         ```
     """
 
@@ -79,7 +82,11 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     !!! Example
 
         ```python
-        records = revdeq.train.read_metrics("runs/demo/revdeq/metrics.jsonl")
+        import revdeq
+
+
+        revdeq.train.MetricsLogger("runs/a/metrics.jsonl").log(step=0, loss=2.3)
+        records = revdeq.train.read_metrics("runs/a/metrics.jsonl")
         losses = [r["loss"] for r in records if "loss" in r]
         ```
     """

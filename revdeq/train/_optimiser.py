@@ -32,6 +32,9 @@ def make_optimiser(
     !!! Example
 
         ```python
+        import revdeq
+
+
         optimiser = revdeq.train.make_optimiser(
             3e-4, total_steps=10_000, warmup_steps=500, weight_decay=0.01
         )

@@ -67,6 +67,28 @@ class DataParallel(eqx.Module):
     !!! Example
 
         ```python
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+        import optax
+        import revdeq
+
+
+        model = eqx.nn.Linear(4, 3, key=jax.random.key(0))
+
+        batches = [(jnp.ones((8, 4)), jnp.ones((8, 3)))] * 2
+        key = jax.random.key(1)
+
+
+        def loss_fn(model, batch, key):
+            x, y = batch
+            return jnp.mean((jax.vmap(model)(x) - y) ** 2), {}
+
+
+        optimiser = optax.sgd(0.1)
+        opt_state = revdeq.train.init_optimiser(optimiser, model)
+        step = revdeq.train.make_step(loss_fn, optimiser)
+
         parallel = revdeq.train.DataParallel()
         model, opt_state = parallel.replicate((model, opt_state))
         for batch in batches:

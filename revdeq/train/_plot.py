@@ -40,11 +40,14 @@ def plot_learning_curves(
     !!! Example
 
         ```python
-        revdeq.train.plot_learning_curves(
-            {"DEQ": "runs/deq/metrics.jsonl", "RevDEQ": "runs/revdeq/metrics.jsonl"},
-            metric="loss",
-            out_png="runs/loss.png",
-        )
+        import revdeq
+
+
+        runs = {  # records, or the paths of the files of `MetricsLogger`s
+            "DEQ": [{"step": 0, "loss": 2.3}, {"step": 100, "loss": 0.9}],
+            "RevDEQ": [{"step": 0, "loss": 2.3}, {"step": 100, "loss": 0.8}],
+        }
+        revdeq.train.plot_learning_curves(runs, metric="loss", out_png="runs/loss.png")
         ```
     """
     figure = Figure(figsize=(6, 4), layout="constrained")

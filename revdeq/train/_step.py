@@ -35,6 +35,14 @@ def init_optimiser(
     !!! Example
 
         ```python
+        import equinox as eqx
+        import jax
+        import optax
+        import revdeq
+
+
+        model = eqx.nn.Linear(4, 3, key=jax.random.key(0))
+
         optimiser = optax.adamw(1e-3)
         opt_state = revdeq.train.init_optimiser(optimiser, model)
         ```
@@ -66,11 +74,25 @@ def make_step(loss_fn: LossFn, optimiser: optax.GradientTransformation) -> StepF
     !!! Example
 
         ```python
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+        import optax
+        import revdeq
+
+
+        model = eqx.nn.Linear(4, 3, key=jax.random.key(0))
+
+        batch = (jnp.ones((8, 4)), jnp.zeros(8, jnp.int32))
+        key = jax.random.key(1)
+
+
         def loss_fn(model, batch, key):
             x, y = batch
             logits = jax.vmap(model)(x)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             return loss, {"accuracy": (logits.argmax(-1) == y).mean()}
+
 
         optimiser = revdeq.train.make_optimiser(1e-3, total_steps=1000)
         opt_state = revdeq.train.init_optimiser(optimiser, model)
@@ -112,12 +134,25 @@ def make_eval_step(
     !!! Example
 
         ```python
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+        import revdeq
+
+
+        model = eqx.nn.Linear(4, 3, key=jax.random.key(0))
+
+        test_batches = [(jnp.ones((8, 4)), jnp.zeros(8, jnp.int32))] * 2
+
+
         def metric_fn(model, batch):
             x, y = batch
             return {"accuracy": (jax.vmap(model)(x).argmax(-1) == y).mean()}
 
+
         eval_step = revdeq.train.make_eval_step(metric_fn)
-        accuracy = np.mean([eval_step(model, b)["accuracy"] for b in test_batches])
+        accuracies = [eval_step(model, batch)["accuracy"] for batch in test_batches]
+        accuracy = jnp.mean(jnp.array(accuracies))
         ```
     """
     return eqx.filter_jit(metric_fn)

@@ -1,15 +1,5 @@
-import os
-
-
-# Most of the tests' time is XLA compiling small programs: skip LLVM's optimisation
-# passes (about 15% less time; floating-point semantics are unchanged). Read when
-# the backend starts, so set before any test computes; notebook kernels inherit it.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-).strip()
-
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 
 @pytest.fixture(autouse=True)

@@ -103,14 +103,13 @@ def test_exact_state_reconstructs_across_buffer_words(getkey, beta, steps):
     assert drift == 0
 
 
-@pytest.mark.parametrize("beta", [0.5, 0.9])
-def test_batched_samples_stopping_at_different_steps(getkey, beta):
+def test_batched_samples_stopping_at_different_steps(getkey):
     # Inputs of different sizes converge after different numbers of steps, spread
     # over several buffer words; the batched reverse loop must undo each sample's
     # own steps only.
     cell, z0s, xs = _float32_problem(getkey(), batch=6)
     xs = xs * jnp.array([0.1, 0.5, 1.0, 2.0, 4.0, 8.0], jnp.float32)[:, None]
-    solver = revdeq.Reversible(beta=beta, rtol=1e-5, atol=0)
+    solver = revdeq.Reversible(beta=0.9, rtol=1e-5, atol=0)  # 9 steps a word
     max_steps = 60
 
     sols = jax.vmap(

@@ -4,10 +4,11 @@ For every case, exactly one of two outcomes is allowed: the reconstruction is bi
 for bit and the gradient matches autodiff of a plain float64 loop, or the solve
 reports one of the documented failures and raises under `throw=True`. Never a
 silent wrong gradient. The default profile tries 10 cases from a fixed seed;
-`pytest tests/test_properties.py --hypothesis-profile=thorough
+`HYPOTHESIS_PROFILE=thorough pytest tests/test_properties.py
 --hypothesis-show-statistics` tries 300 and counts the outcomes.
 """
 
+import os
 import warnings
 
 import equinox as eqx
@@ -43,7 +44,7 @@ settings.register_profile(
 settings.register_profile(
     "thorough", parent=settings.get_profile("ci"), max_examples=300
 )
-settings.load_profile("ci")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 _FAILURES = (
     revdeq.RESULTS.state_out_of_range,

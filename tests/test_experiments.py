@@ -37,6 +37,7 @@ def check_reports(out: pathlib.Path, models, keys) -> None:
     assert (out / "learning_curves.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # about 70 s: four models compile and train
 @pytest.mark.standard_promotion  # optax's Adam
 def test_image_classification(scripts, tmp_path):
     scripts["image"].main(

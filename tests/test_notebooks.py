@@ -10,6 +10,9 @@ import pytest
 
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+# Executing these takes about a minute of CPU each, so they run on request
+# (`pytest -m slow`, which CI runs after `make test`), not in the default run.
+_LONG = {"02_exact_gradients", "03_memory_and_speed", "05_language_model"}
 
 
 def _cells(nb):
@@ -25,7 +28,14 @@ def test_notebook_matches_source(path):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(path, marks=[pytest.mark.slow] if path.stem in _LONG else [])
+        for path in NOTEBOOKS
+    ],
+    ids=lambda p: p.stem,
+)
 def test_notebook_executes(path):
     nb = nbformat.read(path, as_version=4)
     # Raises `CellExecutionError` on the first cell that errors.

@@ -3,7 +3,8 @@
 For every case, exactly one of two outcomes is allowed: the reconstruction is bit
 for bit and the gradient matches autodiff of a plain float64 loop, or the solve
 reports one of the documented failures and raises under `throw=True`. Never a
-silent wrong gradient. The default profile tries 10 cases from a fixed seed;
+silent wrong gradient. Run with `pytest -m slow`; the default profile tries 10
+cases from a fixed seed;
 `HYPOTHESIS_PROFILE=thorough pytest tests/test_properties.py
 --hypothesis-show-statistics` tries 300 and counts the outcomes.
 """
@@ -126,6 +127,7 @@ def _loss(z, m):
     return sum(jnp.sum(jnp.sin(leaf / m)) for leaf in jax.tree.leaves(z))
 
 
+@pytest.mark.slow  # about 90 s: each case compiles; CI runs it after `make test`
 @pytest.mark.usefixtures("x64")
 @given(case=_cases())
 def test_exact_or_reported(case):

@@ -130,6 +130,7 @@ def test_unrolled_stops_where_the_loop_stops(cell, precision):
     assert np.array_equal(line.value, loop.value, equal_nan=True)
 
 
+@pytest.mark.slow  # about 55 s; CI runs it after `make test`
 def test_unrolled_batched_samples_stopping_at_different_steps(getkey):
     # With tolerances, samples stop after different numbers of steps, across buffer
     # words; the straight-line reverse pass undoes each sample's own steps only.

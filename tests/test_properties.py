@@ -159,11 +159,18 @@ def test_exact_or_reported(case):
     assert not warned, [str(w.message) for w in warned]
 
     drift = revdeq.reconstruction_error(cell, z0, x, solver=solver, max_steps=steps)
-    assert drift == 0
+    if case["start"] == "denormal":
+        # XLA:CPU flushes a denormal input to zero in some fusions and not in
+        # others, so `f(z0)` is not reproducible bit for bit: within one rounding.
+        assert drift <= jnp.finfo(jnp.dtype(case["dtype"])).eps
+    else:
+        assert drift == 0
 
     # The truth: autodiff of the same iteration as a plain loop, in float64. Near
     # |1 − β| = 1 the iteration is ill-conditioned, and no computation in the cell's
-    # dtype gets close: ours must then be as close as the plain loop in that dtype.
+    # dtype gets close: ours must then be within 10× of what the plain loop's
+    # error in the cell's dtype (float32 for a float64 cell, scaled by the ratio of
+    # their epsilons) says that dtype can reach.
     def plain_gradient(cell, z0, x):
         def loss(cell, x):
             out = plain_reversible_loop(cell, z0, x, solver.relaxation, steps)
@@ -177,6 +184,11 @@ def test_exact_or_reported(case):
     # A fault that fires on the float64 path may miss ours by rounding, no more.
     assert finite or case["fault"] is not None
     if finite:
-        plain_error = relative_error(plain_gradient(cell, z0, x), truth)
-        tolerance = max(_GRADIENT_RTOL[case["dtype"]], 10 * plain_error)
+        dtype = jnp.dtype(case["dtype"])
+        probe = jnp.float32 if dtype == jnp.float64 else dtype
+        as_probe = jax.tree.map(lambda a: a.astype(probe), (cell, z0, x))
+        reachable = relative_error(plain_gradient(*as_probe), truth) * (
+            float(jnp.finfo(dtype).eps) / float(jnp.finfo(probe).eps)
+        )
+        tolerance = max(_GRADIENT_RTOL[case["dtype"]], 10 * reachable)
         assert relative_error(grads, truth) <= tolerance

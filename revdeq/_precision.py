@@ -26,6 +26,7 @@ from jaxtyping import Array, Float, Int, PyTree, UInt32
 
 from ._custom_types import Y
 from ._solution import RESULTS
+from ._tree import check_rows
 
 
 class AbstractPrecision(eqx.Module):
@@ -193,8 +194,6 @@ class FloatState(AbstractPrecision):
         return RESULTS.successful
 
 
-# Bits of headroom above the initial bound on the state's magnitude.
-_HEADROOM_BITS = 6
 # `c ≈ ±n/d` with `n · d` at most this: exact for the usual `β`, and at least two
 # updates fit in each buffer word.
 _MAX_RATIONAL = 1 << 15
@@ -266,7 +265,8 @@ class _ExactLeaf(eqx.Module):
     # left its range or met a non-finite `f`.
     ints: Int[Array, "..."]
     buffer: _Buffer
-    exponent: Int[Array, ""]
+    # Broadcasts against `ints`: a scalar, or one per row with `rowwise`.
+    exponent: Int[Array, "..."]
     # The dtype of `z0`, in which `f` sees the state.
     dtype: jnp.dtype = eqx.field(static=True)
     # Only in a differentiated loop: `ints · 2^-e` with the tangent of the float
@@ -279,8 +279,9 @@ class ExactState(AbstractPrecision):
     """Bit-exact reversal through a fixed-point state and an information buffer.
 
     Each leaf is stored as `Y · 2^(−e)` with `Y` an int32 (int64 for float64 states)
-    and one exponent `e`, chosen from `max(|z0|, |f(z0)|)` over all leaves with 64×
-    headroom, so the resolution is about `2^-24` (`2^-55`) of the state's scale.
+    and one exponent `e`, chosen from `max(|z0|, |f(z0)|)` over all leaves with
+    `2^headroom_bits` headroom, so the resolution is about `2^-24` (`2^-55`) of the
+    state's scale at the default 6 bits.
     Additions are then exact, and the multiplication by `c = 1 − β ≈ ±n/d` (the
     best rational with `n · d ≤ 2^15`, exact for the usual `β`) is made invertible
     as in the information buffer of Maclaurin et al.: the digit `Y mod d` is pushed
@@ -294,9 +295,24 @@ class ExactState(AbstractPrecision):
     floats of the dtype of `z0`, and its output enters the state as `β·f·2^e`
     truncated to an integer, a deterministic function of `f`'s bits.
 
+    With `rowwise=True` each row (each element of the leading axis that every leaf
+    shares, e.g. the positions of a sequence) gets its own exponent from its own
+    magnitudes, so how a row is rounded does not depend on the other rows: a causal
+    model stays exactly causal.
+
     The reconstruction is exact whatever `β`, dtype or number of steps, as long as
     `f` returns the same bits when re-evaluated on the same input, and the state stays
     within its range (reported as `RESULTS.state_out_of_range`).
+
+    **Arguments:**
+
+    - `rowwise`: one exponent per row of the leading axis rather than one for the
+        whole state.
+    - `headroom_bits`: how far the state may grow past its initial bound
+        (`β / (1 − |1 − β|) · max|f(z0)|`, the bound for a contraction) before it
+        leaves its range; each bit costs one bit of resolution. A residual cell
+        `z + g(z)` grows with the number of steps, so give it about
+        `log2(max_steps)` more.
 
     ??? cite "Reference"
 
@@ -329,15 +345,29 @@ class ExactState(AbstractPrecision):
 
     bit_exact: ClassVar[bool] = True
 
+    rowwise: bool = False
+    headroom_bits: int = 6
+
+    def __check_init__(self):
+        if not 0 <= self.headroom_bits <= 16:
+            raise ValueError(
+                f"`headroom_bits` must lie in [0, 16], got {self.headroom_bits}."
+            )
+
     def representable_beta(self, beta):
         sign, n, d = _rational(1 - beta)
         return 1 - sign * n / d
 
     def encode(self, z0, fz0, beta, differentiable):
         bound = max(1.0, abs(beta) / (1 - abs(1 - beta)))
+        if self.rowwise:
+            check_rows(z0)
 
-        # One scale for all leaves: a leaf that starts at zero may grow like the rest.
-        magnitude = jnp.maximum(_max_abs(z0), bound * _max_abs(fz0))
+        # One scale for all leaves (per row): a leaf that starts at zero may grow
+        # like the rest.
+        magnitude = jnp.maximum(
+            _max_abs(z0, self.rowwise), bound * _max_abs(fz0, self.rowwise)
+        )
         tiny = jnp.finfo(magnitude.dtype).tiny  # an all-zero start
         top = jnp.ceil(jnp.log2(jnp.maximum(magnitude, tiny))).astype(jnp.int32)
 
@@ -346,7 +376,9 @@ class ExactState(AbstractPrecision):
             # Any normal magnitude gets the full resolution: `_times_pow2` reaches
             # twice the float's exponent range.
             limit = 2 * (jnp.finfo(float_dtype).maxexp - 2)
-            exponent = jnp.clip(bits - 1 - _HEADROOM_BITS - top, -limit, limit)
+            exponent = jnp.clip(bits - 1 - self.headroom_bits - top, -limit, limit)
+            # One exponent per row, broadcast along the other axes.
+            exponent = exponent.reshape(exponent.shape + (1,) * (z.ndim - top.ndim))
             ints = jnp.round(_scale(z, exponent)).astype(int_dtype)
             buffer = _Buffer(jnp.zeros(z.shape, jnp.uint32))
             value = None
@@ -430,12 +462,15 @@ def _lost(int_dtype) -> int:
     return int(jnp.iinfo(int_dtype).min)
 
 
-def _max_abs(tree) -> Float[Array, ""]:
-    """The largest magnitude over all leaves, in float64 if a leaf is float64."""
+def _max_abs(tree, rowwise: bool) -> Float[Array, "*rows"]:
+    """The largest magnitude over all leaves (per row of the leading axis, with
+    `rowwise`), in float64 if a leaf is float64."""
     leaves = jtu.tree_leaves(tree)
     wide = any(jnp.dtype(x.dtype).itemsize == 8 for x in leaves)
     dtype = jnp.float64 if wide else jnp.float32
-    return jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(dtype) for x in leaves]))
+    axes = (lambda x: tuple(range(1, x.ndim))) if rowwise else (lambda x: None)
+    maxima = [jnp.max(jnp.abs(x), axis=axes(x)).astype(dtype) for x in leaves]
+    return jnp.max(jnp.stack(maxima), axis=0)
 
 
 def _is_exact_leaf(x) -> bool:

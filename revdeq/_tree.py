@@ -1,10 +1,13 @@
 """Arithmetic on pytrees of arrays, the vocabulary the solvers share."""
 
+import itertools
+from collections.abc import Callable
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import Array, PyTree, Scalar
+from jaxtyping import Array, Float, PyTree, Scalar
 
 
 def tree_lerp(t, x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
@@ -66,3 +69,41 @@ def tree_stop_gradient(x: PyTree):
     return jtu.tree_map(
         lambda leaf: jax.lax.stop_gradient(leaf) if eqx.is_array(leaf) else leaf, x
     )
+
+
+def ravel_rows(
+    tree: PyTree[Array], rowwise: bool
+) -> tuple[Float[Array, "rows n"], Callable[[Array], PyTree[Array]]]:
+    """Flatten `tree` into a matrix, in the dtype its leaves promote to, and the
+    inverse map.
+
+    With `rowwise`, row `i` holds element `i` of every leaf's leading axis (every
+    leaf must have the same leading size); otherwise there is one row, holding all.
+    """
+    leaves, treedef = jtu.tree_flatten(tree)
+    dtype = tree_dtype(tree)
+    rows = check_rows(tree) if rowwise else 1
+    flat = [leaf.astype(dtype).reshape(rows, -1) for leaf in leaves]
+    splits = list(itertools.accumulate(x.shape[1] for x in flat))[:-1]
+
+    def unravel(matrix: Array) -> PyTree[Array]:
+        parts = jnp.split(matrix, splits, axis=1)
+        return jtu.tree_unflatten(
+            treedef,
+            [p.reshape(x.shape).astype(x.dtype) for p, x in zip(parts, leaves)],
+        )
+
+    return jnp.concatenate(flat, axis=1), unravel
+
+
+def check_rows(tree: PyTree[Array]) -> int:
+    """The leading size that every leaf of `tree` shares, or a `ValueError`."""
+    sizes = {x.shape[0] if x.ndim else None for x in jtu.tree_leaves(tree)}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            "`rowwise=True` treats the leading axis of every leaf of `z0` as "
+            "independent rows (e.g. sequence positions), so every leaf needs the "
+            f"same leading size; got shapes {[x.shape for x in jtu.tree_leaves(tree)]}."
+            " Give every leaf that axis, or use `rowwise=False`."
+        )
+    return sizes.pop()

@@ -1,5 +1,7 @@
 """Every adjoint's gradient against an independent truth."""
 
+import warnings
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -262,3 +264,37 @@ def test_no_nan_is_created_and_masked(x64, getkey, solver, adjoint, unroll):
     with jax.debug_nans(True):
         grads = eqx.filter_jit(eqx.filter_grad(loss))(cell)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jtu.tree_leaves(grads))
+
+
+def test_bounded_implicit_solve_reports_its_residual(x64, getkey):
+    """A linear solve with zero tolerances runs its budget without warning, and
+    `on_residual` gets its true residual: tiny once GMRES spans the space, larger
+    (and matching a larger gradient error) when it cannot."""
+    import lineax as lx
+
+    cell, z0, x = _array_problem(getkey())
+    cot = jax.random.normal(getkey(), z0.shape)
+    solver = revdeq.Anderson(rtol=1e-13, atol=1e-13)
+    truth, errors, residuals = None, [], []
+    for restart in (1, z0.size):
+        reported = []
+        bounded = lx.GMRES(rtol=0, atol=0, restart=restart, max_steps=2)
+        adjoint = revdeq.ImplicitAdjoint(bounded, on_residual=reported.append)
+
+        def out(cell, x):
+            sol = revdeq.solve(
+                cell, z0, x, solver=solver, adjoint=adjoint, max_steps=100
+            )
+            return sol.value
+
+        z_star, vjp = eqx.filter_vjp(out, cell, x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = vjp(cot)
+            jax.effects_barrier()
+        truth = dense_implicit_gradient(cell, z_star, x, cot)
+        errors.append(relative_error(got, truth))
+        (residual,) = reported
+        residuals.append(float(residual))
+    assert residuals[1] < 1e-10 and errors[1] < 1e-8
+    assert 1e-4 < residuals[0] <= 1 and errors[0] > 1e-4

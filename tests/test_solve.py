@@ -433,3 +433,55 @@ def test_throw_false_reports_reconstruction_drift(getkey):
         jax.block_until_ready(jax.grad(loss)(x))
     exact = revdeq.Reversible(beta=0.9, rtol=0, atol=0)
     assert revdeq.reconstruction_error(cell, z0, x, solver=exact, max_steps=30) == 0
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [revdeq.Anderson(rtol=0, atol=0), revdeq.Broyden(rtol=0, atol=0)],
+    ids=lambda s: type(s).__name__,
+)
+def test_rowwise_solver_solves_each_row_on_its_own(getkey, solver):
+    """On a cell that acts on each row separately, a rowwise solve of the whole state
+    equals separate solves of its rows."""
+    dtype = default_float()
+    cell = TanhCell(4, key=getkey(), dtype=dtype)
+    x = {
+        "a": jax.random.normal(getkey(), (5, 4), dtype),
+        "b": jax.random.normal(getkey(), (5,), dtype),
+    }
+
+    def rows_cell(z, x):
+        return {"a": jax.vmap(cell)(z["a"], x["a"]), "b": jnp.tanh(z["b"] + x["b"])}
+
+    def solve(s, fn, x):
+        z0 = jax.tree.map(jnp.zeros_like, x)
+        return revdeq.solve(
+            fn, z0, x, solver=s, adjoint=revdeq.ImplicitAdjoint(), max_steps=8
+        ).value
+
+    rowwise = solve(eqx.tree_at(lambda s: s.rowwise, solver, True), rows_cell, x)
+    separate = jax.vmap(
+        lambda x: solve(
+            solver,
+            lambda z, x: {"a": cell(z["a"], x["a"]), "b": jnp.tanh(z["b"] + x["b"])},
+            x,
+        )
+    )(x)
+    # Equal up to rounding, which the least squares amplifies.
+    tol = 1e-5 if dtype == jnp.float32 else 1e-12
+    assert relative_error(rowwise, separate) < tol
+    joint = solve(solver, rows_cell, x)  # one least-squares problem: different
+    assert relative_error(joint, separate) > 100 * tol
+
+
+def test_converged_solve_does_not_report_divergence(getkey):
+    """Long past convergence, the error wanders at rounding level: not divergence."""
+    cell = TanhCell(6, key=getkey(), dtype=default_float())
+    xs = jax.random.normal(getkey(), (8, 6), default_float())
+    solver = revdeq.Anderson(rtol=0, atol=0)
+    sol = jax.vmap(
+        lambda x: revdeq.solve(
+            cell, jnp.zeros_like(x), x, solver=solver, max_steps=200, throw=False
+        )
+    )(xs)
+    assert jnp.all(sol.result == revdeq.RESULTS.successful)

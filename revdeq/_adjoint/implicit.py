@@ -1,10 +1,13 @@
+from collections.abc import Callable
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
+from jaxtyping import Array
 
 from .._iterate import iterate
-from .._tree import tree_sub
+from .._tree import tree_rms, tree_sub
 from .base import AbstractAdjoint, report_failure
 
 
@@ -27,10 +30,22 @@ class ImplicitAdjoint(AbstractAdjoint):
     A backward solve that does not converge raises under `throw=True` and is warned
     about otherwise.
 
+    **A bounded backward solve.** Where `I − ∂f/∂z` is far from the identity (a
+    residual cell `z + g(z)`, as in a Transformer), no iterative solve may converge.
+    A linear solver with `rtol = atol = 0` then runs its whole budget as planned, as
+    DEQ training usually does: `lx.GMRES(rtol=0, atol=0, restart=k, max_steps=2)`
+    spends about `k` vector-Jacobian products, and GMRES never ends with a larger
+    residual than its start. The gradient is then approximate: pass `on_residual` to
+    see how far.
+
     **Arguments:**
 
     - `linear_solver`: a matrix-free `lineax` solver (default GMRES). Dense solvers
         such as `lx.LU()` materialise the Jacobian: use them only for small states.
+    - `on_residual`: a host function called in every backward pass with the relative
+        residual `‖(I − ∂f/∂z)ᵀ w − g‖ / ‖g‖` of the linear solve (once per sample
+        under `vmap`), at the cost of one more vector-Jacobian product; e.g.
+        `list.append`, to log it.
 
     ??? cite "Reference"
 
@@ -61,48 +76,61 @@ class ImplicitAdjoint(AbstractAdjoint):
         adjoint = revdeq.ImplicitAdjoint(linear_solver=lx.GMRES(rtol=1e-6, atol=1e-6))
         sol = revdeq.solve(cell, z0, x, solver=revdeq.Anderson(), adjoint=adjoint,
                            max_steps=50)
+
+        residuals = []  # a bounded solve of about 8 VJPs, and how well it did
+        bounded = lx.GMRES(rtol=0, atol=0, restart=8, max_steps=2)
+        adjoint = revdeq.ImplicitAdjoint(bounded, on_residual=residuals.append)
         ```
     """
 
     linear_solver: lx.AbstractLinearSolver = lx.GMRES(
         rtol=1e-5, atol=1e-5, restart=20, stagnation_iters=20, max_steps=200
     )
+    on_residual: Callable[[Array], None] | None = eqx.field(default=None, static=True)
 
     def apply(self, fn, solver, z0, args, *, max_steps, unroll, throw):
         # The fixed point does not depend on where the solve started.
         z0 = jax.lax.stop_gradient(z0)
         loop = (max_steps, unroll)
-        return _implicit_solve((fn, args), z0, solver, loop, self.linear_solver, throw)
+        backward = (self.linear_solver, self.on_residual)
+        return _implicit_solve((fn, args), z0, solver, loop, backward, throw)
 
 
 @eqx.filter_custom_vjp
-def _implicit_solve(fn_args, z0, solver, loop, linear_solver, throw):
+def _implicit_solve(fn_args, z0, solver, loop, backward, throw):
     fn, args = fn_args
     max_steps, unroll = loop
     return iterate(fn, solver, z0, args, max_steps=max_steps, unroll=unroll)
 
 
 @_implicit_solve.def_fwd
-def _implicit_solve_fwd(perturbed, fn_args, z0, solver, loop, linear_solver, throw):
+def _implicit_solve_fwd(perturbed, fn_args, z0, solver, loop, backward, throw):
     del perturbed
-    out = _implicit_solve.fn(fn_args, z0, solver, loop, linear_solver, throw)
+    out = _implicit_solve.fn(fn_args, z0, solver, loop, backward, throw)
     return out, out.value
 
 
 @_implicit_solve.def_bwd
 def _implicit_solve_bwd(
-    z_star, grad_obj, perturbed, fn_args, z0, solver, loop, linear_solver, throw
+    z_star, grad_obj, perturbed, fn_args, z0, solver, loop, backward, throw
 ):
     del perturbed, z0, solver, loop
+    linear_solver, on_residual = backward
     fn, args = fn_args
     cotangent = _zeros_for_none(grad_obj.value, z_star)
     _, vjp_z = jax.vjp(lambda z: fn(z, args), z_star)
-    operator = lx.FunctionLinearOperator(
-        lambda w: tree_sub(w, vjp_z(w)[0]), jax.eval_shape(lambda: z_star)
-    )
+
+    def matvec(w):
+        return tree_sub(w, vjp_z(w)[0])
+
+    operator = lx.FunctionLinearOperator(matvec, jax.eval_shape(lambda: z_star))
     sol = lx.linear_solve(
         operator, cotangent, linear_solver, options={"y0": cotangent}, throw=False
     )
+    if on_residual is not None:
+        residual = tree_rms(tree_sub(matvec(sol.value), cotangent))
+        scale = jnp.maximum(tree_rms(cotangent), jnp.finfo(residual.dtype).tiny)
+        jax.debug.callback(on_residual, residual / scale)
     failed = sol.result != lx.RESULTS.successful
     w = report_failure(sol.value, [(failed, _NOT_CONVERGED)], throw)
     _, vjp_fn_args = eqx.filter_vjp(lambda fa: fa[0](z_star, fa[1]), fn_args)

@@ -2,10 +2,9 @@ from collections.abc import Callable
 
 import equinox as eqx
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
-from jaxtyping import Array, Float, Int, PyTree, Scalar
+from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
-from .._tree import tree_rms
+from .._tree import ravel_rows, tree_rms
 from .base import (
     AbstractSolver,
     ConvergenceState,
@@ -16,8 +15,8 @@ from .base import (
 
 
 class _AndersonState(eqx.Module):
-    iterates: Float[Array, "history n"]
-    residuals: Float[Array, "history n"]
+    iterates: Float[Array, "history rows n"]
+    residuals: Float[Array, "history rows n"]
     count: Int[Array, ""]
     progress: ConvergenceState
 
@@ -31,14 +30,19 @@ class Anderson(Unsegmented, AbstractSolver):
     regularisation is free of the problem's units. One evaluation of `f` per step.
 
     The least squares couples every element of the state: `vmap` over a batch so that
-    each sample is solved on its own, and avoid it where elements must stay
-    independent (the positions of a causal language model).
+    each sample is solved on its own. Where rows of the state must stay independent
+    (the positions of a causal language model), `rowwise=True` gives each row its
+    own mixing weights from its own history; `f` is then the only link between rows.
 
     **Arguments:**
 
     - `history`: number of past iterates kept (at least 1; 1 is damped iteration).
     - `damping`: the mixing weight of the residual, in (0, 2).
-    - `regularisation`: relative Tikhonov weight of the least squares.
+    - `regularisation`: relative Tikhonov weight of the least squares. Much below
+        the default, residuals at rounding level make the weights blow up once the
+        iteration has converged.
+    - `rowwise`: solve one least-squares problem per row, i.e. per element of the
+        leading axis that every leaf of the state shares.
     - `rtol`, `atol`: stop once `rms(f(z) − z) < atol + rtol · rms(f(z))`.
 
     ??? cite "Reference"
@@ -72,10 +76,11 @@ class Anderson(Unsegmented, AbstractSolver):
 
     history: int = 5
     damping: float = eqx.field(converter=float, default=1.0)
-    regularisation: float = eqx.field(converter=float, default=1e-8)
+    regularisation: float = eqx.field(converter=float, default=1e-4)
     rtol: float = eqx.field(converter=float, default=1e-4)
     atol: float = eqx.field(converter=float, default=1e-6)
     norm: Callable[[PyTree], Scalar] = tree_rms
+    rowwise: bool = False
 
     def __check_init__(self):
         check_tolerances(self)
@@ -90,34 +95,45 @@ class Anderson(Unsegmented, AbstractSolver):
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         del fn, args, options, f_struct, aux_struct, tags
-        flat, _ = ravel_pytree(y)
-        empty = jnp.zeros((self.history, flat.size), flat.dtype)
-        return _AndersonState(empty, empty, jnp.array(0), no_progress(flat.dtype))
+        rows, _ = ravel_rows(y, self.rowwise)
+        empty = jnp.zeros((self.history, *rows.shape), rows.dtype)
+        return _AndersonState(empty, empty, jnp.array(0), no_progress(rows.dtype))
 
     def step(self, fn, y, args, options, state, tags):
         del options, tags
         fy, aux = fn(y, args)
-        flat_y, unravel = ravel_pytree(y)
-        flat_f, _ = ravel_pytree(fy)
+        rows_y, unravel = ravel_rows(y, self.rowwise)
+        rows_f, _ = ravel_rows(fy, self.rowwise)
         slot = state.count % self.history
-        iterates = state.iterates.at[slot].set(flat_y)
-        residuals = state.residuals.at[slot].set(flat_f - flat_y)
+        iterates = state.iterates.at[slot].set(rows_y)
+        residuals = state.residuals.at[slot].set(rows_f - rows_y)
         valid = jnp.arange(self.history) <= state.count
         alpha = _mixing_weights(residuals, valid, self.regularisation)
-        new_flat = alpha @ (iterates + self.damping * residuals)
+        new_rows = jnp.einsum("ri,irn->rn", alpha, iterates + self.damping * residuals)
         progress = self.progress(fy, y, state.progress, 1)
         new_state = _AndersonState(iterates, residuals, state.count + 1, progress)
-        return unravel(new_flat.astype(flat_y.dtype)), new_state, aux
+        return unravel(new_rows), new_state, aux
 
 
-def _mixing_weights(residuals, valid, regularisation):
-    """Solve `min ‖αᵀG‖²` s.t. `Σα = 1` over the valid rows of `G`."""
+def _mixing_weights(
+    residuals: Float[Array, "history rows n"],
+    valid: Bool[Array, " history"],
+    regularisation: float,
+) -> Float[Array, "rows history"]:
+    """Per row `r`, solve `min ‖Σ_i α_i G_ir‖²` s.t. `Σ α_i = 1` over the valid `i`."""
+    # α is unchanged by scaling a row's residuals, and scaled ones cannot overflow
+    # when squared. (Slots not yet filled hold zeros.)
+    biggest = jnp.max(jnp.abs(residuals), axis=(0, 2))
+    scale = jnp.where(biggest > 0, biggest, 1)
+    scaled = residuals / scale[None, :, None]
     both = valid[:, None] & valid[None, :]
-    gram = jnp.where(both, residuals @ residuals.T, 0)
-    mean_sq = jnp.trace(gram) / jnp.sum(valid, dtype=gram.dtype)
+    gram = jnp.where(both[None], jnp.einsum("irn,jrn->rij", scaled, scaled), 0)
+    mean_sq = jnp.trace(gram, axis1=1, axis2=2) / jnp.sum(valid, dtype=gram.dtype)
     tiny = jnp.finfo(gram.dtype).tiny
     ridge = jnp.maximum(regularisation * mean_sq, tiny)
     # Invalid rows become identity rows with a zero right-hand side, so α_i = 0.
-    gram = gram + jnp.diag(jnp.where(valid, ridge, 1))
-    alpha = jnp.linalg.solve(gram, valid.astype(gram.dtype))
-    return alpha / jnp.sum(alpha)
+    diagonal = jnp.where(valid[None, :], ridge[:, None], 1)
+    gram = gram + diagonal[:, :, None] * jnp.eye(len(valid), dtype=gram.dtype)[None]
+    rhs = jnp.broadcast_to(valid.astype(gram.dtype), diagonal.shape)
+    alpha = jnp.linalg.solve(gram, rhs[..., None])[..., 0]
+    return alpha / jnp.sum(alpha, axis=1, keepdims=True)

@@ -20,6 +20,8 @@ class ConvergenceState(eqx.Module):
 
     residual: Scalar  # ‖f(z) − z‖ / ‖f(z)‖ at the last evaluated iterate
     error: Scalar  # norm(f(z) − z) at the last evaluated iterate
+    # The smallest error so far, but not below the rounding of `f(z)` itself: noise
+    # at that level after convergence is not divergence.
     best_error: Scalar
     converged: Bool[Array, ""]
     num_fn_evals: Int[Array, ""]
@@ -74,11 +76,13 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
     ) -> ConvergenceState:
         """Convergence bookkeeping for the iterate `z` whose image `fz` is known."""
         error = self.norm(tree_sub(fz, z))
-        converged = error < self.atol + self.rtol * self.norm(fz)
+        scale = self.norm(fz)
+        converged = error < self.atol + self.rtol * scale
+        rounding = jnp.finfo(error.dtype).eps * scale
         return ConvergenceState(
             relative_residual(fz, z),
             error,
-            jnp.minimum(previous.best_error, error),
+            jnp.minimum(previous.best_error, jnp.maximum(error, rounding)),
             converged,
             previous.num_fn_evals + new_evals,
         )

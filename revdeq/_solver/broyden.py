@@ -2,10 +2,9 @@ from collections.abc import Callable
 
 import equinox as eqx
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
-from .._tree import tree_rms
+from .._tree import ravel_rows, tree_rms
 from .base import (
     AbstractSolver,
     ConvergenceState,
@@ -16,9 +15,9 @@ from .base import (
 
 
 class _BroydenState(eqx.Module):
-    residual: Float[Array, " n"]
-    us: Float[Array, "history n"]
-    vs: Float[Array, "history n"]
+    residual: Float[Array, "rows n"]
+    us: Float[Array, "history rows n"]
+    vs: Float[Array, "history rows n"]
     count: Int[Array, ""]
     progress: ConvergenceState
 
@@ -30,11 +29,14 @@ class Broyden(Unsegmented, AbstractSolver):
     rank-one updates, and steps `z ← z − H g(z)`. It evaluates `f` once at
     initialisation and once per step, and the returned iterate is the last evaluated
     one, so its residual is exact. Like [`revdeq.Anderson`][], it couples every
-    element of the state: `vmap` over a batch.
+    element of the state: `vmap` over a batch. With `rowwise=True`, each row of the
+    state (each element of the leading axis every leaf shares) keeps its own inverse
+    Jacobian, of its own block of `g`, and rows interact only through `f`.
 
     **Arguments:**
 
     - `history`: the number of rank-one updates kept (at least 1).
+    - `rowwise`: one quasi-Newton update per row rather than one for the whole state.
     - `rtol`, `atol`: stop once `rms(f(z) − z) < atol + rtol · rms(f(z))`.
 
     ??? cite "Reference"
@@ -70,6 +72,7 @@ class Broyden(Unsegmented, AbstractSolver):
     rtol: float = eqx.field(converter=float, default=1e-4)
     atol: float = eqx.field(converter=float, default=1e-6)
     norm: Callable[[PyTree], Scalar] = tree_rms
+    rowwise: bool = False
 
     def __check_init__(self):
         check_tolerances(self)
@@ -79,28 +82,30 @@ class Broyden(Unsegmented, AbstractSolver):
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         del options, f_struct, aux_struct, tags
         fy, _ = fn(y, args)
-        flat_y, _ = ravel_pytree(y)
-        flat_f, _ = ravel_pytree(fy)
-        empty = jnp.zeros((self.history, flat_y.size), flat_y.dtype)
-        progress = self.progress(fy, y, no_progress(flat_y.dtype), 1)
-        return _BroydenState(flat_f - flat_y, empty, empty, jnp.array(0), progress)
+        rows_y, _ = ravel_rows(y, self.rowwise)
+        rows_f, _ = ravel_rows(fy, self.rowwise)
+        empty = jnp.zeros((self.history, *rows_y.shape), rows_y.dtype)
+        progress = self.progress(fy, y, no_progress(rows_y.dtype), 1)
+        return _BroydenState(rows_f - rows_y, empty, empty, jnp.array(0), progress)
 
     def step(self, fn, y, args, options, state, tags):
         del options, tags
-        flat_y, unravel = ravel_pytree(y)
+        rows_y, unravel = ravel_rows(y, self.rowwise)
         g = state.residual
         dz = -_apply_inverse(state.us, state.vs, g)
-        new_y = unravel(flat_y + dz)
+        new_y = unravel(rows_y + dz)
         fy, aux = fn(new_y, args)
-        flat_f, _ = ravel_pytree(fy)
-        new_g = flat_f - (flat_y + dz)
+        rows_f, _ = ravel_rows(fy, self.rowwise)
+        new_g = rows_f - (rows_y + dz)
         dg = new_g - g
-        # Good Broyden: H ← H + (dz − H dg) (dzᵀ H) / (dzᵀ H dg).
+        # Good Broyden, per row: H ← H + (dz − H dg) (dzᵀ H) / (dzᵀ H dg).
         v = _apply_inverse_transpose(state.us, state.vs, dz)
-        denom = v @ dg
-        ok = jnp.abs(denom) > jnp.finfo(denom.dtype).eps * jnp.linalg.norm(v) * (
-            jnp.linalg.norm(dg)
+        denom = jnp.sum(v * dg, axis=1, keepdims=True)
+        eps = jnp.finfo(denom.dtype).eps
+        norms = jnp.linalg.norm(v, axis=1, keepdims=True) * jnp.linalg.norm(
+            dg, axis=1, keepdims=True
         )
+        ok = jnp.abs(denom) > eps * norms
         u = jnp.where(ok, (dz - _apply_inverse(state.us, state.vs, dg)) / denom, 0)
         slot = state.count % self.history
         progress = self.progress(fy, new_y, state.progress, 1)
@@ -115,8 +120,9 @@ class Broyden(Unsegmented, AbstractSolver):
 
 
 def _apply_inverse(us, vs, x):
-    return -x + us.T @ (vs @ x)
+    """`H x` for `H = −I + Σ_i u_i v_iᵀ`, row by row."""
+    return -x + jnp.einsum("irn,ir->rn", us, jnp.einsum("irn,rn->ir", vs, x))
 
 
 def _apply_inverse_transpose(us, vs, x):
-    return -x + vs.T @ (us @ x)
+    return -x + jnp.einsum("irn,ir->rn", vs, jnp.einsum("irn,rn->ir", us, x))

@@ -137,6 +137,13 @@ class DEQ(eqx.Module):
         self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
         self.z0 = jnp.zeros(state_shape, state_dtype) if z0 == "learned" else None
 
+    @property
+    def fn(self) -> eqx.Module:
+        """The `fn(z, x)` that the solve iterates: the cell under the precision
+        policy. Regularisers such as [`revdeq.nn.jacobian_frobenius_penalty`][] take
+        it."""
+        return _PolicyCell(self.cell, self.compute_dtype)
+
     def __call__(
         self, x: PyTree[Array], z0: Float[Array, "..."] | None = None
     ) -> tuple[Float[Array, "..."], dict[str, Any]]:
@@ -162,9 +169,8 @@ class DEQ(eqx.Module):
             raise ValueError(
                 f"`z0` must have the shape {self.state_shape}, got {z0.shape}."
             )
-        fn = _PolicyCell(self.cell, self.compute_dtype)
         sol = solve(
-            fn,
+            self.fn,
             z0.astype(self.state_dtype),
             x,
             solver=self.solver,

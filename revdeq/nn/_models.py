@@ -2,6 +2,8 @@
 model. Each is a trunk (the explicit layers) around equilibrium stages; the
 weight-untied baselines in `_baselines.py` share the trunks."""
 
+import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,10 +15,11 @@ from jaxtyping import Array, DTypeLike, Float, Int, PRNGKeyArray
 
 from .._adjoint.base import AbstractAdjoint
 from .._adjoint.reversible import ReversibleAdjoint
-from .._precision import FloatState
+from .._precision import ExactState, FloatState
 from .._solver.anderson import Anderson
 from .._solver.base import AbstractSolver
 from .._solver.broyden import Broyden
+from .._solver.fixed_point import FixedPointIteration
 from .._solver.reversible import Reversible
 from ._cells import ConvCell, TransformerCell
 from ._deq import DEQ
@@ -275,36 +278,58 @@ class LanguageModelTrunk(eqx.Module):
         self.head = eqx.nn.Linear(dim, vocab_size, use_bias=False, key=hkey)
         self.seq_len = seq_len
 
-    def __call__(self, tokens, stage: Stage):
+    def embed(self, tokens: Int[Array, " seq_len"]) -> Float[Array, "seq_len dim"]:
+        """Token plus position embeddings: the stage's injected input."""
         if tokens.shape != (self.seq_len,):
             raise ValueError(
                 f"`tokens` must have shape ({self.seq_len},), got {tokens.shape}."
             )
-        x = jax.vmap(self.token_embedding)(tokens) + self.position_embedding.weight
-        z, _ = stage(x)
-        return jax.vmap(self.head)(jax.vmap(self.norm)(z.astype(x.dtype)))
+        return jax.vmap(self.token_embedding)(tokens) + self.position_embedding.weight
+
+    def readout(self, z: Float[Array, "seq_len dim"]) -> Float[Array, "seq_len vocab"]:
+        """The next-token logits of a stage's output."""
+        z = z.astype(self.position_embedding.weight.dtype)
+        return jax.vmap(self.head)(jax.vmap(self.norm)(z))
+
+    def __call__(self, tokens, stage: Stage):
+        z, _ = stage(self.embed(tokens))
+        return self.readout(z)
 
 
-def check_causal(solver: AbstractSolver) -> None:
-    """Raise unless `solver` treats the positions of a sequence independently."""
-    if isinstance(solver, (Anderson, Broyden)):
-        raise ValueError(
-            f"`solver`={type(solver).__name__} mixes sequence positions in its "
-            "update, so later tokens would change earlier outputs; use "
-            "`revdeq.Reversible` or `revdeq.FixedPointIteration`."
-        )
+def causal_solver(solver: AbstractSolver, max_steps: int) -> AbstractSolver:
+    """`solver` with the positions of a sequence (the leading axis of the state)
+    kept independent, or a `ValueError` for one that cannot be made so.
+
+    An `ExactState` also gets `log2(max_steps / 4)` more bits of headroom: the
+    residual Transformer cell's state grows with the number of steps.
+    """
     if solver.rtol != 0 or solver.atol != 0:
         raise ValueError(
             "The language model's `solver` must have `rtol=0` and `atol=0`: a "
             "convergence test over the whole sequence would let later tokens decide "
             "when earlier positions stop iterating."
         )
-    if isinstance(solver, Reversible) and not isinstance(solver.precision, FloatState):
-        raise ValueError(
-            "The language model's `solver` must use `precision=revdeq.FloatState()`: "
-            "`ExactState` picks one fixed-point exponent for the whole sequence, so "
-            "later tokens would change how earlier positions are rounded."
-        )
+    if isinstance(solver, (Anderson, Broyden)):
+        return dataclasses.replace(solver, rowwise=True)
+    if isinstance(solver, Reversible):
+        if isinstance(solver.precision, ExactState):
+            extra_bits = max(0, math.ceil(math.log2(max_steps)) - 2)
+            precision = dataclasses.replace(
+                solver.precision,
+                rowwise=True,
+                headroom_bits=solver.precision.headroom_bits + extra_bits,
+            )
+            return dataclasses.replace(solver, precision=precision)
+        if isinstance(solver.precision, FloatState):
+            return solver
+    elif isinstance(solver, FixedPointIteration):
+        return solver
+    raise ValueError(
+        f"The language model cannot keep `solver`={solver!r} causal. Use "
+        "`revdeq.Reversible` (with `ExactState` or `FloatState`), "
+        "`revdeq.FixedPointIteration`, `revdeq.Anderson` or `revdeq.Broyden`, whose "
+        "updates it can make position-wise."
+    )
 
 
 class DEQLanguageModel(eqx.Module):
@@ -317,13 +342,22 @@ class DEQLanguageModel(eqx.Module):
 
     **Causality is exact:** changing token $j$ leaves the logits at every position
     $< j$ bit-identical. The cell only mixes positions through causal attention, and
-    the solver must not mix them either, so the default is a fixed number of
-    `Reversible` steps (`rtol = atol = 0`, a float state). A convergence test over
-    the whole sequence would leak future tokens into earlier positions through the
-    stopping time, Anderson's and Broyden's joint least-squares updates mix all
-    positions, and an `ExactState` shares one exponent across the sequence; the
-    constructor refuses such solvers. (A solve that fails, e.g. diverges, still
-    stops for the whole sequence.)
+    the solver must not mix them either. The model therefore makes the given solver
+    position-wise (`rowwise=True`): [`revdeq.Anderson`][] mixes each position's own
+    history, [`revdeq.Broyden`][] keeps one quasi-Newton update per position, and
+    [`revdeq.ExactState`][] gives each position its own fixed-point exponent.
+    [`revdeq.FixedPointIteration`][] and [`revdeq.FloatState`][] act elementwise
+    already. The tolerances must be zero (a fixed number of steps): a convergence
+    test over the whole sequence would let later tokens decide when earlier positions
+    stop. (A solve that fails, e.g. diverges, still stops for the whole sequence.)
+
+    **Exact by default.** The default solver runs `Reversible` steps on an
+    `ExactState`, so the gradient is exact for the computed forward pass. The cell is
+    residual (`z + g(z)`), so its state grows with the number of steps: past four
+    steps the model gives the `ExactState` one more bit of headroom per doubling of
+    `max_steps`, at one bit of resolution each. Against a float64 truth, the float32
+    gradient is within about `3e-7` at 4 steps and `1e-5` at 64; a float64 state
+    (`state_dtype`, under x64) keeps full resolution.
 
     ??? cite
 
@@ -368,9 +402,7 @@ class DEQLanguageModel(eqx.Module):
         key: PRNGKeyArray,
         mlp_ratio: int = 4,
         mlp_depth: int = 1,
-        solver: AbstractSolver = Reversible(
-            beta=0.5, rtol=0.0, atol=0.0, precision=FloatState()
-        ),
+        solver: AbstractSolver = Reversible(beta=0.5, rtol=0.0, atol=0.0),
         adjoint: AbstractAdjoint = ReversibleAdjoint(),
         max_steps: int = 4,
         state_dtype: DTypeLike = jnp.float32,
@@ -385,11 +417,11 @@ class DEQLanguageModel(eqx.Module):
         - `key`: a PRNG key for the initialisation.
         - `mlp_ratio`: the cell's MLP width as a multiple of `dim`.
         - `mlp_depth`: the number of hidden layers of the cell's MLP.
-        - `solver`: a position-wise solver with zero tolerances (see above).
+        - `solver`: a solver with zero tolerances, made position-wise (see
+            above); by default `Reversible` steps with an `ExactState`.
         - `adjoint`, `max_steps`, `state_dtype`, `compute_dtype`: as in
             [`revdeq.nn.DEQ`][].
         """
-        check_causal(solver)
         trunk_key, cell_key = jr.split(key)
         self.trunk = LanguageModelTrunk(vocab_size, seq_len, dim, key=trunk_key)
         self.deq = DEQ(
@@ -397,7 +429,7 @@ class DEQLanguageModel(eqx.Module):
                 dim, num_heads, mlp_ratio, key=cell_key, mlp_depth=mlp_depth
             ),
             (seq_len, dim),
-            solver=solver,
+            solver=causal_solver(solver, max_steps),
             adjoint=adjoint,
             max_steps=max_steps,
             state_dtype=state_dtype,

@@ -31,15 +31,21 @@ _LOG_EVERY = 20
 _CELLS = (revdeq.nn.MLPCell, revdeq.nn.ConvCell, revdeq.nn.TransformerCell)
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, *, out: str) -> None:
+def add_common_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    out: str,
+    variants: tuple[str, ...] = VARIANTS,
+    variants_help: str = "revdeq: Reversible solver + ReversibleAdjoint; deq: "
+    "implicit-function gradients; phantom: phantom gradients; explicit: weight-untied "
+    "stack. All get the same forward evaluations.",
+) -> None:
     """The options every experiment takes."""
     parser.add_argument(
         "--model",
-        choices=(*VARIANTS, "all"),
+        choices=(*variants, "all"),
         default="revdeq",
-        help="revdeq: Reversible solver + ReversibleAdjoint; deq: implicit-function "
-        "gradients; phantom: phantom gradients; explicit: weight-untied stack; all: "
-        "each in turn. All get the same forward evaluations (default: %(default)s).",
+        help=f"{variants_help} all: each in turn (default: %(default)s).",
     )
     parser.add_argument("--epochs", type=int, default=1, help="(%(default)s)")
     parser.add_argument("--batch-size", type=int, default=128, help="(%(default)s)")
@@ -87,8 +93,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, out: str) -> None:
     )
 
 
-def selected_variants(model: str) -> tuple[str, ...]:
-    return VARIANTS if model == "all" else (model,)
+def selected_variants(
+    model: str, variants: tuple[str, ...] = VARIANTS
+) -> tuple[str, ...]:
+    return variants if model == "all" else (model,)
 
 
 def forward_evals(steps: int) -> int:
@@ -97,23 +105,22 @@ def forward_evals(steps: int) -> int:
 
 
 def equilibrium_config(
-    variant: str, steps: int, beta: float, *, causal: bool = False
+    variant: str,
+    steps: int,
+    beta: float,
+    *,
+    implicit: revdeq.ImplicitAdjoint = revdeq.ImplicitAdjoint(),
 ) -> dict[str, Any]:
-    """`solver`, `adjoint` and `max_steps` of a DEQ variant under the equal budget.
-
-    With `causal`, the solvers treat positions independently (a float reversible
-    state, plain fixed-point iteration in place of Anderson), as the language model
-    requires.
-    """
+    """`solver`, `adjoint` and `max_steps` of a DEQ variant under the equal budget:
+    RevDEQ's `Reversible` steps, or Anderson with `implicit` (for `deq`) or phantom
+    gradients."""
     budget = forward_evals(steps)
     if variant == "revdeq":
-        precision = revdeq.FloatState() if causal else revdeq.ExactState()
-        solver = revdeq.Reversible(beta=beta, rtol=0, atol=0, precision=precision)
+        solver = revdeq.Reversible(beta=beta, rtol=0, atol=0)
         return dict(solver=solver, adjoint=revdeq.ReversibleAdjoint(), max_steps=steps)
-    solver_cls = revdeq.FixedPointIteration if causal else revdeq.Anderson
-    solver = solver_cls(rtol=0, atol=0)
+    solver = revdeq.Anderson(rtol=0, atol=0)
     if variant == "deq":
-        return dict(solver=solver, adjoint=revdeq.ImplicitAdjoint(), max_steps=budget)
+        return dict(solver=solver, adjoint=implicit, max_steps=budget)
     if variant == "phantom":
         adjoint = revdeq.PhantomAdjoint(steps=steps, damping=PHANTOM_DAMPING)
         return dict(solver=solver, adjoint=adjoint, max_steps=budget - steps)
@@ -295,10 +302,15 @@ def train(
 
 
 def write_reports(
-    out: pathlib.Path, results: dict[str, dict[str, Any]], *, curve: str = "loss"
+    out: pathlib.Path,
+    results: dict[str, dict[str, Any]],
+    *,
+    curve: str = "loss",
+    runs: dict[str, pathlib.Path] | None = None,
 ) -> str:
     """Write `results.json`, `results.md` (one row per model) and
-    `learning_curves.png` (the training `curve` of each model) under `out`.
+    `learning_curves.png` (the training `curve` of each model, from `runs`, by
+    default `out/<model>/metrics.jsonl`) under `out`.
 
     **Returns:**
 
@@ -306,17 +318,18 @@ def write_reports(
     """
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    columns = list(next(iter(results.values())))
+    columns = list(dict.fromkeys(c for row in results.values() for c in row))
     lines = [
         "| model | " + " | ".join(columns) + " |",
         "|---" * (len(columns) + 1) + "|",
     ]
     for name, row in results.items():
-        cells = [_format(row[column]) for column in columns]
+        cells = [_format(row[c]) if c in row else "–" for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     (out / "results.md").write_text(table + "\n")
-    runs = {name: out / name / "metrics.jsonl" for name in results}
+    if runs is None:
+        runs = {name: out / name / "metrics.jsonl" for name in results}
     revdeq.train.plot_learning_curves(
         runs, curve, out / "learning_curves.png", title=f"training {curve}"
     )
@@ -327,3 +340,44 @@ def _format(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def mean_over_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from the rows of several seeds: the mean of each number, and for each
+    float its spread, `<name>_spread` (half the range over the seeds)."""
+    merged: dict[str, Any] = {}
+    for name, first in rows[0].items():
+        values = [row[name] for row in rows]
+        if isinstance(first, bool) or not isinstance(first, int | float):
+            merged[name] = first
+            continue
+        merged[name] = sum(values) / len(values)
+        if isinstance(first, float):
+            merged[f"{name}_spread"] = (max(values) - min(values)) / 2
+    merged["seeds"] = len(rows)
+    return merged
+
+
+def plot_against_evals(
+    results: dict[str, dict[str, Any]], metric: str, out_png: pathlib.Path
+) -> None:
+    """Each model's `metric` (with its spread over seeds as an error bar) against its
+    forward evaluations per solve, as a PNG."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    axes = figure.add_subplot()
+    for name, row in results.items():
+        axes.errorbar(
+            row["nfe_forward"],
+            row[metric],
+            yerr=row.get(f"{metric}_spread", 0.0),
+            fmt="o",
+            capsize=3,
+            label=name,
+        )
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("forward evaluations of the cell per example")
+    axes.set_ylabel(metric)
+    axes.legend(fontsize="small")
+    figure.savefig(out_png, dpi=120)

@@ -1,22 +1,42 @@
-"""Causal language modelling with a Reversible DEQ Transformer and its baselines.
+"""Causal language modelling: a Reversible DEQ Transformer against DEQs and explicit
+Transformers.
 
-Run: `python experiments/language_model.py --model all --limit-train 2000`; see
-`--help`. By default the corpus is byte-level text of the Python standard library's
-sources (offline); `--text-files` uses your own files, `--dataset wikitext103` loads
-Wikitext-103 through Hugging Face `datasets`. RevDEQ runs a fixed number of
-`Reversible` steps (beta 0.5, float state) so that the model stays exactly causal;
-the DEQ and phantom baselines iterate plainly (Anderson would mix positions), and
-every variant gets `2 * steps + 1` forward evaluations (see
-`experiments/_common.py`).
+Run the comparison of the README (about an hour on 2 CPU cores):
+
+    python experiments/language_model.py --model all --seeds 0 1
+
+By default the corpus is byte-level text of the Python standard library's sources
+(offline); `--text-files` uses your own files, `--dataset wikitext103` loads
+Wikitext-103 through Hugging Face `datasets`.
+
+**The models.** `--steps k` sets the forward budget: RevDEQ's `k` reversible steps
+cost `2k + 1` evaluations of the cell per example.
+
+- `revdeq`: `Reversible` steps (β 0.5) on an exact fixed-point state, exact gradients,
+  no regulariser.
+- `deq`: causal (per-position) Anderson with `rtol = atol = 0` and implicit
+  gradients from a bounded GMRES solve of as many vector-Jacobian products as forward
+  evaluations, whose residual is logged. It gets what its authors used to stabilise
+  it: weight normalisation of the cell and a Jacobian penalty (`--jacobian-penalty`).
+  It runs at each budget of `--deq-evals` (default `2k + 1`, `4k + 1` and `8k + 1`),
+  as `deq-<evals>`.
+- `deq-noreg`: the same at `2k + 1` evaluations, without weight normalisation or
+  penalty.
+- `phantom`: causal Anderson, then `k` differentiated damped steps (phantom
+  gradients), `2k + 1` evaluations in all.
+- `explicit`: a weight-untied Transformer of `2k + 1` layers (equal evaluations).
+- `explicit-1`: one layer, the parameters of the DEQs (equal parameters).
 
 `--paper` sets the paper's Wikitext-103 model (width 768, 12 heads, sequences of 448
 GPT-2 tokens, vocabulary 50304, MLP depth 2); it needs a GPT-2 tokenizer from
 `tiktoken` or `transformers`, which must be installed with its files cached.
 
-Writes, under `--out`: `results.json` and `results.md` (per model:
-`validation_perplexity`, `test_perplexity`, `tokens_per_second`, `wall_time_s`,
-`nfe_forward`, `nfe_backward`, `peak_memory_bytes`, `num_params`),
-`learning_curves.png`, and per model `metrics.jsonl` and `checkpoints/`.
+Writes, under `--out`: `results.json` and `results.md` (per model, the mean over
+`--seeds` and the spread of each measurement: `test_bits_per_token` (bits per byte on
+a byte-level corpus), `validation_bits_per_token`, `tokens_per_second`,
+`wall_time_s`, `nfe_forward`, `nfe_backward`, `peak_memory_bytes`, `num_params`, and
+for `deq` models `backward_residual`), `bits_vs_evals.png`, `learning_curves.png`
+(seed 0), and per model and seed `metrics.jsonl` and `checkpoints/`.
 """
 
 import argparse
@@ -24,7 +44,10 @@ import math
 import pathlib
 
 import _common
+import equinox as eqx
 import jax
+import jax.numpy as jnp
+import lineax as lx
 import numpy as np
 import optax
 
@@ -32,14 +55,6 @@ import revdeq
 
 
 _PAPER = dict(dim=768, num_heads=12, seq_len=448, mlp_depth=2, vocab_size=50304)
-
-
-def loss_fn(model, batch, key):
-    del key
-    inputs, targets = batch
-    logits = jax.vmap(model)(inputs)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-    return loss, {}
 
 
 def gpt2_tokens(corpus: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -64,6 +79,10 @@ def gpt2_tokens(corpus: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         split: np.asarray(encode(tokens.tobytes().decode()), np.int32)
         for split, tokens in corpus.items()
     }
+
+
+VARIANTS = ("revdeq", "deq", "deq-noreg", "phantom", "explicit", "explicit-1")
+_VARIANTS_HELP = "See above."
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,32 +110,138 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=128, help="(%(default)s)")
     parser.add_argument("--mlp-depth", type=int, default=1, help="(%(default)s)")
     parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="train each model once per seed and report the mean and spread "
+        "(default: --seed)",
+    )
+    parser.add_argument(
+        "--deq-evals",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="the forward evaluations of each deq run (default: 2k+1, 4k+1, 8k+1)",
+    )
+    parser.add_argument(
+        "--jacobian-penalty",
+        type=float,
+        default=0.1,
+        help="weight of the deq models' Jacobian penalty (%(default)s)",
+    )
+    parser.add_argument(
         "--paper",
         action="store_true",
         help="the paper's Wikitext-103 configuration (see above)",
     )
-    _common.add_common_arguments(parser, out="runs/language_model")
+    _common.add_common_arguments(
+        parser,
+        out="runs/language_model",
+        variants=VARIANTS,
+        variants_help=_VARIANTS_HELP,
+    )
     parser.set_defaults(beta=0.5, batch_size=16, lr=1e-3)
     args = parser.parse_args(argv)
-    if args.model == "deq":
-        parser.error(_NO_IMPLICIT)
+    if args.seeds is None:
+        args.seeds = [args.seed]
+    if args.deq_evals is None:
+        args.deq_evals = [_common.forward_evals(m * args.steps) for m in (1, 2, 4)]
+    if any(n < 2 for n in args.deq_evals):
+        parser.error("--deq-evals: each budget needs at least 2 evaluations")
     args.vocab_size = revdeq.data.BYTE_VOCAB_SIZE
     if args.paper:
         vars(args).update(_PAPER, dataset="wikitext103")
     return args
 
 
-# The transformer cell is residual, z + g(z), so the iteration does not contract and
-# the implicit backward system (I − ∂f/∂z)ᵀ w = g has no convergent iterative solve.
-_NO_IMPLICIT = (
-    "the implicit-gradient DEQ needs a contractive cell, and the residual "
-    "TransformerCell (z + g(z)) is not one: its backward linear solve cannot converge. "
-    "Compare against --model phantom or explicit instead."
-)
+class _Residuals:
+    """The relative residuals of the backward linear solves, logged on the host."""
+
+    def __init__(self):
+        self.values: list[float] = []
+
+    def append(self, residual) -> None:
+        self.values.extend(np.ravel(np.asarray(residual)).tolist())
+
+    def recent_mean(self) -> float:
+        """The mean over the last tenth of training."""
+        recent = self.values[-max(len(self.values) // 10, 1) :]
+        return float(np.mean(recent))
+
+
+def build_model(args, variant: str, evals: int, key, residuals: _Residuals | None):
+    """The model of one variant; `evals` is the deq models' forward budget."""
+    model_args = (args.vocab_size, args.seq_len, args.dim, args.num_heads)
+    if variant.startswith("explicit"):
+        layers = 1 if variant == "explicit-1" else _common.forward_evals(args.steps)
+        return revdeq.nn.ExplicitLanguageModel(
+            *model_args, key=key, mlp_depth=args.mlp_depth, num_layers=layers
+        )
+    if variant.startswith("deq"):
+        # A bounded backward solve: GMRES spends about one VJP per forward evaluation.
+        gmres = lx.GMRES(rtol=0, atol=0, restart=evals, max_steps=2)
+        implicit = revdeq.ImplicitAdjoint(gmres, on_residual=residuals.append)
+        config = dict(
+            solver=revdeq.Anderson(rtol=0, atol=0),
+            adjoint=implicit,
+            max_steps=evals,
+        )
+    else:
+        config = _common.equilibrium_config(variant, args.steps, args.beta)
+    model = revdeq.nn.DEQLanguageModel(
+        *model_args, key=key, mlp_depth=args.mlp_depth, **config
+    )
+    if variant == "deq":
+        model = eqx.tree_at(
+            lambda m: m.deq.cell, model, revdeq.nn.apply_weight_norm(model.deq.cell)
+        )
+    return model
+
+
+def make_loss(jacobian_penalty: float):
+    """Cross-entropy in nats per token, plus, if `jacobian_penalty` is nonzero, that
+    multiple of the Jacobian penalty at each sequence's fixed point."""
+
+    def loss_fn(model, batch, key):
+        inputs, targets = batch
+        if jacobian_penalty == 0:
+            logits = jax.vmap(model)(inputs)
+            penalty = jnp.zeros(())
+        else:
+
+            def one(tokens, key):
+                x = model.trunk.embed(tokens)
+                z, _ = model.deq(x)
+                jac = revdeq.nn.jacobian_frobenius_penalty(model.deq.fn, z, x, key=key)
+                return model.trunk.readout(z), jac
+
+            keys = jax.random.split(key, len(inputs))
+            logits, penalties = jax.vmap(one)(inputs, keys)
+            penalty = jnp.mean(penalties)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        return ce + jacobian_penalty * penalty, {
+            "cross_entropy": ce,
+            "jacobian": penalty,
+        }
+
+    return loss_fn
+
+
+def runs_of(args) -> list[tuple[str, str, int]]:
+    """`(name, variant, deq evaluations)` of every model to train."""
+    base = _common.forward_evals(args.steps)
+    runs = []
+    for variant in _common.selected_variants(args.model, VARIANTS):
+        if variant == "deq":
+            runs += [(f"deq-{n}", variant, n) for n in args.deq_evals]
+        else:
+            runs.append((variant, variant, base))
+    return runs
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
-    """Train every requested model, write the reports and return the results.
+    """Train every requested model once per seed, write the reports and return the
+    results (per model, the means and spreads over the seeds).
 
     `--limit-train` and `--limit-test` count sequences of `--seq-len` tokens.
     """
@@ -141,6 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         split: first(corpus[split], args.limit_test) for split in ("validation", "test")
     }
     out = pathlib.Path(args.out)
+    cross_entropy = make_loss(0.0)
 
     def batches(key):
         return revdeq.data.sequence_batches(
@@ -149,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
 
     @revdeq.train.make_eval_step
     def mean_loss(model, batch):
-        return {"loss": loss_fn(model, batch, None)[0]}
+        return {"loss": cross_entropy(model, batch, None)[0]}
 
     def evaluate(model):
         metrics = {}
@@ -160,49 +286,52 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                     tokens, args.seq_len, args.batch_size, shuffle=False
                 )
             ]
-            metrics[f"{split}_perplexity"] = math.exp(np.mean(losses))
+            metrics[f"{split}_bits_per_token"] = float(np.mean(losses)) / math.log(2)
         return metrics
 
-    model_args = (args.vocab_size, args.seq_len, args.dim, args.num_heads)
+    num_batches = ((len(train_tokens) - 1) // args.seq_len) // args.batch_size
     results = {}
-    for variant in _common.selected_variants(args.model):
-        if variant == "deq":
-            print(f"Skipping deq: {_NO_IMPLICIT}")
-            continue
-        key = jax.random.key(args.seed)
-        if variant == "explicit":
-            model = revdeq.nn.ExplicitLanguageModel(
-                *model_args, key=key, num_layers=_common.forward_evals(args.steps)
+    for name, variant, evals in runs_of(args):
+        penalty = args.jacobian_penalty if variant == "deq" else 0.0
+        loss_fn = make_loss(penalty)
+        rows = []
+        for seed in args.seeds:
+            residuals = _Residuals()
+            key = jax.random.key(seed)
+            model = build_model(args, variant, evals, key, residuals)
+            seed_args = argparse.Namespace(**{**vars(args), "seed": seed})
+            model, summary = _common.train(
+                model,
+                loss_fn,
+                evaluate,
+                batches,
+                num_batches=num_batches,
+                args=seed_args,
+                out=out / name / f"seed-{seed}",
             )
-        else:
-            config = _common.equilibrium_config(
-                variant, args.steps, args.beta, causal=True
-            )
-            model = revdeq.nn.DEQLanguageModel(
-                *model_args, key=key, mlp_depth=args.mlp_depth, **config
-            )
-        num_batches = ((len(train_tokens) - 1) // args.seq_len) // args.batch_size
-        model, summary = _common.train(
-            model,
-            loss_fn,
-            evaluate,
-            batches,
-            num_batches=num_batches,
-            args=args,
-            out=out / variant,
-        )
-        example = jax.tree.map(lambda a: a[:1], next(batches(jax.random.key(0))))
-        train_tokens_seen = summary["steps"] * args.batch_size * args.seq_len
-        results[variant] = {
-            "validation_perplexity": summary["validation_perplexity"],
-            "test_perplexity": summary["test_perplexity"],
-            "tokens_per_second": train_tokens_seen / summary["train_time_s"],
-            "wall_time_s": summary["wall_time_s"],
-            **_common.count_fn_evals(model, loss_fn, example),
-            "peak_memory_bytes": summary["peak_memory_bytes"],
-            "num_params": revdeq.nn.count_parameters(model),
-        }
-    print(_common.write_reports(out, results))
+            example = jax.tree.map(lambda a: a[:1], next(batches(jax.random.key(0))))
+            train_tokens_seen = summary["steps"] * args.batch_size * args.seq_len
+            row = {
+                "test_bits_per_token": summary["test_bits_per_token"],
+                "validation_bits_per_token": summary["validation_bits_per_token"],
+                "tokens_per_second": train_tokens_seen / summary["train_time_s"],
+                "wall_time_s": summary["wall_time_s"],
+                **_common.count_fn_evals(model, loss_fn, example),
+                "peak_memory_bytes": summary["peak_memory_bytes"],
+                "num_params": revdeq.nn.count_parameters(model),
+            }
+            if residuals.values:
+                row["backward_residual"] = residuals.recent_mean()
+            rows.append(row)
+        results[name] = _common.mean_over_seeds(rows)
+    runs = {
+        name: out / name / f"seed-{args.seeds[0]}" / "metrics.jsonl" for name in results
+    }
+    table = _common.write_reports(out, results, runs=runs)
+    _common.plot_against_evals(
+        results, "test_bits_per_token", out / "bits_vs_evals.png"
+    )
+    print(table)
     return results
 
 

@@ -35,8 +35,8 @@ print(bytes(train[:120].astype(np.uint8)).decode("utf-8", "replace"))
 # ## The model
 #
 # 256 byte values, sequences of 64 bytes, width 64, 4 heads, 4 reversible steps (the
-# default solver: `Reversible(beta=0.5)` with a float state, which keeps positions
-# independent so the model stays exactly causal).
+# default solver: `Reversible(beta=0.5)` with an `ExactState` that keeps one exponent
+# per position, so the gradient is exact and the model stays exactly causal).
 
 # %%
 seq_len, batch_size, num_steps = 64, 16, 200

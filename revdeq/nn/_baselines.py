@@ -203,18 +203,21 @@ class ExplicitLanguageModel(eqx.Module):
         *,
         key: PRNGKeyArray,
         mlp_ratio: int = 4,
+        mlp_depth: int = 1,
         num_layers: int = 8,
     ):
         """**Arguments:**
 
-        - `vocab_size`, `seq_len`, `dim`, `num_heads`, `key`, `mlp_ratio`: as in
-            [`revdeq.nn.DEQLanguageModel`][].
+        - `vocab_size`, `seq_len`, `dim`, `num_heads`, `key`, `mlp_ratio`,
+            `mlp_depth`: as in [`revdeq.nn.DEQLanguageModel`][].
         - `num_layers`: the number of distinct Transformer cells.
         """
         trunk_key, stack_key = jr.split(key)
         self.trunk = LanguageModelTrunk(vocab_size, seq_len, dim, key=trunk_key)
         self.stack = ExplicitStack(
-            lambda k: TransformerCell(dim, num_heads, mlp_ratio, key=k),
+            lambda k: TransformerCell(
+                dim, num_heads, mlp_ratio, key=k, mlp_depth=mlp_depth
+            ),
             num_layers,
             key=stack_key,
         )

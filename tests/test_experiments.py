@@ -90,8 +90,9 @@ def test_language_comparison_trains_every_model(scripts, tmp_path):
     evals = {model: results[model]["nfe_forward"] for model in models}
     assert evals == {"revdeq": 3, "deq-3": 4, "deq-5": 6, "deq-noreg": 3,
                      "phantom": 3, "explicit": 3, "explicit-1": 1}  # fmt: skip
+    # Relative to the cotangent; above 1 where the cell expands it.
     for model in ("deq-3", "deq-5", "deq-noreg"):
-        assert 0 <= results[model]["backward_residual"] <= 1
+        assert 0 < results[model]["backward_residual"] < math.inf
     explicit, deq = (results[m]["num_params"] for m in ("explicit-1", "deq-noreg"))
     assert explicit == deq
 

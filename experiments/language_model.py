@@ -26,6 +26,9 @@ cost `2k + 1` evaluations of the cell per example.
   penalty.
 - `phantom`: causal Anderson, then `k` differentiated damped steps (phantom
   gradients), `2k + 1` evaluations in all.
+
+`--deq-solver fixed-point` replaces Anderson by plain fixed-point iteration in the
+`deq` and `phantom` models.
 - `explicit`: a weight-untied Transformer of `2k + 1` layers (equal evaluations).
 - `explicit-1`: one layer, the parameters of the DEQs (equal parameters).
 
@@ -84,6 +87,7 @@ def gpt2_tokens(corpus: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 VARIANTS = ("revdeq", "deq", "deq-noreg", "phantom", "explicit", "explicit-1")
+_DEQ_SOLVERS = {"anderson": revdeq.Anderson, "fixed-point": revdeq.FixedPointIteration}
 _VARIANTS_HELP = "See above."
 
 
@@ -124,6 +128,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         metavar="N",
         help="the forward evaluations of each deq run (default: 2k+1, 4k+1, 8k+1)",
+    )
+    parser.add_argument(
+        "--deq-solver",
+        choices=tuple(_DEQ_SOLVERS),
+        default="anderson",
+        help="the forward solver of the deq and phantom models (%(default)s)",
     )
     parser.add_argument(
         "--jacobian-penalty",
@@ -183,13 +193,11 @@ def build_model(args, variant: str, evals: int, key, residuals: _Residuals | Non
         # A bounded backward solve: GMRES spends about one VJP per forward evaluation.
         gmres = lx.GMRES(rtol=0, atol=0, restart=evals, max_steps=2)
         implicit = revdeq.ImplicitAdjoint(gmres, on_residual=residuals.append)
-        config = dict(
-            solver=revdeq.Anderson(rtol=0, atol=0),
-            adjoint=implicit,
-            max_steps=evals,
-        )
+        config = dict(adjoint=implicit, max_steps=evals)
     else:
         config = _common.equilibrium_config(variant, args.steps, args.beta)
+    if variant != "revdeq":
+        config["solver"] = _DEQ_SOLVERS[args.deq_solver](rtol=0, atol=0)
     model = revdeq.nn.DEQLanguageModel(
         *model_args, key=key, mlp_depth=args.mlp_depth, **config
     )

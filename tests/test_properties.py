@@ -170,7 +170,8 @@ def test_exact_or_reported(case):
     # |1 − β| = 1 the iteration is ill-conditioned, and no computation in the cell's
     # dtype gets close: ours must then be within 10× of what the plain loop's
     # error in the cell's dtype (float32 for a float64 cell, scaled by the ratio of
-    # their epsilons) says that dtype can reach.
+    # their epsilons) says that dtype can reach, times the resolution `ExactState`
+    # spends on headroom for its bound `β / (1 − |1 − β|)` (41× at β = 1.95).
     def plain_gradient(cell, z0, x):
         def loss(cell, x):
             out = plain_reversible_loop(cell, z0, x, solver.relaxation, steps)
@@ -190,5 +191,7 @@ def test_exact_or_reported(case):
         reachable = relative_error(plain_gradient(*as_probe), truth) * (
             float(jnp.finfo(dtype).eps) / float(jnp.finfo(probe).eps)
         )
-        tolerance = max(_GRADIENT_RTOL[case["dtype"]], 10 * reachable)
+        beta = solver.relaxation
+        headroom = max(1.0, beta / (1 - abs(1 - beta)))
+        tolerance = max(_GRADIENT_RTOL[case["dtype"]], 10 * headroom * reachable)
         assert relative_error(grads, truth) <= tolerance

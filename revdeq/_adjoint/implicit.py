@@ -7,7 +7,7 @@ import lineax as lx
 from jaxtyping import Array
 
 from .._iterate import iterate
-from .._tree import tree_rms, tree_sub
+from .._tree import relative_residual, tree_sub
 from .base import AbstractAdjoint, report_failure
 
 
@@ -128,9 +128,7 @@ def _implicit_solve_bwd(
         operator, cotangent, linear_solver, options={"y0": cotangent}, throw=False
     )
     if on_residual is not None:
-        residual = tree_rms(tree_sub(matvec(sol.value), cotangent))
-        scale = jnp.maximum(tree_rms(cotangent), jnp.finfo(residual.dtype).tiny)
-        jax.debug.callback(on_residual, residual / scale)
+        jax.debug.callback(on_residual, relative_residual(cotangent, matvec(sol.value)))
     failed = sol.result != lx.RESULTS.successful
     w = report_failure(sol.value, [(failed, _NOT_CONVERGED)], throw)
     _, vjp_fn_args = eqx.filter_vjp(lambda fa: fa[0](z_star, fa[1]), fn_args)

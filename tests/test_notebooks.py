@@ -12,7 +12,12 @@ import pytest
 NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 # Executing these takes about a minute of CPU each, so they run on request
 # (`pytest -m slow`, which CI runs after `make test`), not in the default run.
-_LONG = {"02_exact_gradients", "03_memory_and_speed", "05_language_model"}
+_LONG = {
+    "02_exact_gradients",
+    "03_memory_and_speed",
+    "04_train_fashion_mnist",
+    "05_language_model",
+}
 
 
 def _cells(nb):

@@ -104,15 +104,9 @@ def forward_evals(steps: int) -> int:
     return 2 * steps + 1
 
 
-def equilibrium_config(
-    variant: str,
-    steps: int,
-    beta: float,
-    *,
-    implicit: revdeq.ImplicitAdjoint = revdeq.ImplicitAdjoint(),
-) -> dict[str, Any]:
+def equilibrium_config(variant: str, steps: int, beta: float) -> dict[str, Any]:
     """`solver`, `adjoint` and `max_steps` of a DEQ variant under the equal budget:
-    RevDEQ's `Reversible` steps, or Anderson with `implicit` (for `deq`) or phantom
+    RevDEQ's `Reversible` steps, or Anderson with implicit (`deq`) or phantom
     gradients."""
     budget = forward_evals(steps)
     if variant == "revdeq":
@@ -120,7 +114,7 @@ def equilibrium_config(
         return dict(solver=solver, adjoint=revdeq.ReversibleAdjoint(), max_steps=steps)
     solver = revdeq.Anderson(rtol=0, atol=0)
     if variant == "deq":
-        return dict(solver=solver, adjoint=implicit, max_steps=budget)
+        return dict(solver=solver, adjoint=revdeq.ImplicitAdjoint(), max_steps=budget)
     if variant == "phantom":
         adjoint = revdeq.PhantomAdjoint(steps=steps, damping=PHANTOM_DAMPING)
         return dict(solver=solver, adjoint=adjoint, max_steps=budget - steps)

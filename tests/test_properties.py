@@ -161,8 +161,11 @@ def test_exact_or_reported(case):
     drift = revdeq.reconstruction_error(cell, z0, x, solver=solver, max_steps=steps)
     if case["start"] == "denormal":
         # XLA:CPU flushes a denormal input to zero in some fusions and not in
-        # others, so `f(z0)` is not reproducible bit for bit: within one rounding.
-        assert drift <= jnp.finfo(jnp.dtype(case["dtype"])).eps
+        # others, so `f(z0)` is not reproducible bit for bit: within one rounding,
+        # which undoing the first step amplifies by `β / |1 − β|`.
+        beta = solver.relaxation
+        amplification = max(1.0, beta / abs(1 - beta))
+        assert drift <= amplification * jnp.finfo(jnp.dtype(case["dtype"])).eps
     else:
         assert drift == 0
 

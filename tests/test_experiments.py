@@ -53,6 +53,7 @@ def test_image_classification(scripts, tmp_path):
     assert results["revdeq"]["nfe_backward"] == 2  # Two per reversible step.
 
 
+@pytest.mark.slow  # about 30 s: two training runs; keeps the default run's margin
 @pytest.mark.standard_promotion  # optax's Adam
 def test_image_classification_resume(scripts, tmp_path):
     args = [*TINY, "--limit-train", "64", "--limit-test", "50", "--channels", "8",

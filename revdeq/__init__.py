@@ -14,6 +14,7 @@ from ._precision import (
     AbstractPrecision as AbstractPrecision,
     ExactState as ExactState,
     FloatState as FloatState,
+    cast_exactly as cast_exactly,
 )
 from ._solution import RESULTS as RESULTS, Solution as Solution
 from ._solve import solve as solve

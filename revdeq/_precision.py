@@ -15,6 +15,7 @@ bits live:
 """
 
 import abc
+import functools
 from fractions import Fraction
 from typing import ClassVar
 
@@ -523,7 +524,74 @@ def _scale(x, exponent):
 
 def _unscale(ints, exponent, dtype):
     float_dtype = jnp.float64 if ints.dtype == jnp.int64 else jnp.float32
-    return _times_pow2(ints.astype(float_dtype), -exponent).astype(dtype)
+    return cast_exactly(_times_pow2(ints.astype(float_dtype), -exponent), dtype)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def cast_exactly(x: Array, dtype) -> Array:
+    """`x.astype(dtype)`, rounded where it is written even under XLA's excess
+    precision.
+
+    By default XLA may compute a bfloat16 (or float16) value in float32 and skip
+    the rounding of a cast pair such as `x.astype(bfloat16).astype(float32)`;
+    whether it does depends on where its fusions and loop bodies end, and these
+    differ between the forward and the reverse pass. A cell whose inputs or
+    output cross a precision boundary then gives different bits in the two passes,
+    and a reversible reconstruction drifts. This cast rounds with integer
+    arithmetic on the bits, which XLA keeps, to the precision of the narrower of
+    the two dtypes. Its derivative is that of `astype`. [`revdeq.nn.DEQ`][]'s
+    `compute_dtype` casts this way; use it at the boundaries of a cell that casts
+    on its own. (float16's narrower exponent range is still left to the
+    conversion.)
+
+    !!! Example
+
+        ```python
+        import jax.numpy as jnp
+        import revdeq
+
+
+        def cell(z, x):  # a float32 state, computed in bfloat16
+            low = revdeq.cast_exactly(z, jnp.bfloat16)
+            out = jnp.tanh(0.5 * low + revdeq.cast_exactly(x, jnp.bfloat16))
+            return revdeq.cast_exactly(out, z.dtype)
+
+
+        drift = revdeq.reconstruction_error(
+            cell, jnp.zeros(4), jnp.ones(4), solver=revdeq.Reversible(beta=1.5),
+            max_steps=12,
+        )  # 0.0
+        ```
+    """
+    dtype = jnp.dtype(dtype)
+    if not (
+        jnp.issubdtype(x.dtype, jnp.floating) and jnp.issubdtype(dtype, jnp.floating)
+    ):
+        return x.astype(dtype)
+    narrow = min(x.dtype, dtype, key=lambda d: jnp.finfo(d).nmant)
+    wide = jnp.float64 if jnp.float64 in (x.dtype, dtype) else jnp.float32
+    return _round_to(x.astype(wide), narrow).astype(dtype)
+
+
+@cast_exactly.defjvp
+def _cast_exactly_jvp(dtype, primals, tangents):
+    (x,), (t,) = primals, tangents
+    return cast_exactly(x, dtype), t.astype(dtype)
+
+
+def _round_to(x, dtype):
+    """`x` (float32 or float64) rounded to nearest-even at the precision of the
+    narrower float `dtype`, still in `x`'s dtype, by integer arithmetic on its bits."""
+    drop = jnp.finfo(x.dtype).nmant - jnp.finfo(dtype).nmant
+    if drop <= 0:
+        return x
+    uint = jnp.uint64 if x.dtype == jnp.float64 else jnp.uint32
+    bits = jax.lax.bitcast_convert_type(x, uint)
+    odd = (bits >> drop) & 1
+    half = uint((1 << (drop - 1)) - 1)
+    rounded = (bits + half + odd) & ~uint((1 << drop) - 1)
+    # A NaN stays a NaN: carrying into the exponent could make it an infinity.
+    return jnp.where(jnp.isnan(x), x, jax.lax.bitcast_convert_type(rounded, x.dtype))
 
 
 def _injection(f, beta, exponent):
@@ -534,10 +602,11 @@ def _injection(f, beta, exponent):
     `2^bits` whenever `|Y|` is, so the state never leaves its range unnoticed.
     """
     int_dtype, float_dtype, bits = _fixed_point_format(f.dtype)
-    f = jax.lax.stop_gradient(f)
     # One rounding, of β·f to the dtype of f as the float iteration would; the
-    # scaling by 2^e is exact.
-    beta_f = (beta * f.astype(float_dtype)).astype(f.dtype).astype(float_dtype)
+    # scaling by 2^e is exact. Both roundings hold under XLA's excess precision
+    # (see `cast_exactly`).
+    wide = cast_exactly(jax.lax.stop_gradient(f), float_dtype)
+    beta_f = _round_to(beta * wide, f.dtype)
     scaled = _times_pow2(beta_f, exponent)
     fits = jnp.abs(scaled) < (1 - abs(1 - beta)) * 2.0 ** (bits - 1)
     return scaled.astype(int_dtype), fits

@@ -40,6 +40,16 @@ def tree_size(x: PyTree[Array]) -> int:
     return sum(leaf.size for leaf in jtu.tree_leaves(x))
 
 
+def tree_max_abs(x: PyTree[Array]) -> Scalar:
+    """The largest magnitude over every element of every leaf (0 for no elements)."""
+    dtype = tree_dtype(x)
+    biggest = jnp.zeros((), dtype)
+    for leaf in jtu.tree_leaves(x):
+        if leaf.size:
+            biggest = jnp.maximum(biggest, jnp.max(jnp.abs(leaf)).astype(dtype))
+    return biggest
+
+
 def tree_rms(x: PyTree[Array]) -> Scalar:
     """Root mean square over every element of every leaf.
 
@@ -47,10 +57,7 @@ def tree_rms(x: PyTree[Array]) -> Scalar:
     float32 state near 1e30 (or 1e-30) neither overflow nor underflow.
     """
     dtype = tree_dtype(x)
-    biggest = jnp.zeros((), dtype)
-    for leaf in jtu.tree_leaves(x):
-        if leaf.size:
-            biggest = jnp.maximum(biggest, jnp.max(jnp.abs(leaf)).astype(dtype))
+    biggest = tree_max_abs(x)
     scale = jnp.where(biggest > 0, biggest, jnp.ones((), dtype))
     scaled = jtu.tree_map(lambda leaf: leaf.astype(dtype) / scale, x)
     return scale * jnp.sqrt(tree_sum_squares(scaled) / max(tree_size(x), 1))

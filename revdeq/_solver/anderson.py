@@ -4,7 +4,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
-from .._tree import ravel_rows, tree_rms
+from .._tree import ravel_rows, tree_max_abs
 from .base import (
     AbstractSolver,
     ConvergenceState,
@@ -43,7 +43,9 @@ class Anderson(Unsegmented, AbstractSolver):
         iteration has converged.
     - `rowwise`: solve one least-squares problem per row, i.e. per element of the
         leading axis that every leaf of the state shares.
-    - `rtol`, `atol`: stop once `rms(f(z) − z) < atol + rtol · rms(f(z))`.
+    - `rtol`, `atol`, `norm`: stop once
+      `norm((f(z) − z) / (atol + rtol · |f(z)|)) < 1`, as optimistix does;
+      `norm` defaults to the largest magnitude.
 
     ??? cite "Reference"
 
@@ -79,7 +81,7 @@ class Anderson(Unsegmented, AbstractSolver):
     regularisation: float = eqx.field(converter=float, default=1e-4)
     rtol: float = eqx.field(converter=float, default=1e-4)
     atol: float = eqx.field(converter=float, default=1e-6)
-    norm: Callable[[PyTree], Scalar] = tree_rms
+    norm: Callable[[PyTree], Scalar] = tree_max_abs
     rowwise: bool = False
 
     def __check_init__(self):

@@ -4,6 +4,7 @@ from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
@@ -43,11 +44,11 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
     """Base of the forward solvers: an `optimistix.AbstractFixedPointSolver` whose
     state carries a `ConvergenceState` as `.progress`.
 
-    Convergence is `rms(f(z) − z) < atol + rtol · rms(f(z))`; the strict inequality
-    means `rtol = atol = 0` runs exactly `max_steps` steps. The tolerances scale
-    the state as a whole, where optimistix's own solvers scale each element
-    (`max(|f(z) − z| / (atol + rtol · |f(z)|)) < 1`): with the same `rtol`, an
-    element of `f(z)` near zero does not hold back a revdeq solve.
+    Convergence is optimistix's test, `norm((f(z) − z) / (atol + rtol · |f(z)|)) < 1`
+    elementwise, so the same `rtol`, `atol` and `norm` stop a revdeq solver where
+    they stop `optimistix.FixedPointIteration`. An element with `f(z) = z` exactly
+    counts as converged even where its scale is zero. `rtol = atol = 0` runs exactly
+    `max_steps` steps.
 
     Every solver runs through `optimistix.fixed_point`, whose adjoints
     differentiate the solution rather than the path. The iterates of
@@ -75,17 +76,29 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
         self, fz, z, previous: ConvergenceState, new_evals
     ) -> ConvergenceState:
         """Convergence bookkeeping for the iterate `z` whose image `fz` is known."""
-        error = self.norm(tree_sub(fz, z))
-        scale = self.norm(fz)
-        converged = error < self.atol + self.rtol * scale
-        rounding = jnp.finfo(error.dtype).eps * scale
+        difference = tree_sub(fz, z)
+        error = self.norm(difference)
+        rounding = jnp.finfo(error.dtype).eps * self.norm(fz)
         return ConvergenceState(
             relative_residual(fz, z),
             error,
             jnp.minimum(previous.best_error, jnp.maximum(error, rounding)),
-            converged,
+            self._converged(difference, fz),
             previous.num_fn_evals + new_evals,
         )
+
+    def _converged(self, difference, fz) -> Bool[Array, ""]:
+        if self.fixed_steps:
+            return jnp.array(False)
+
+        def scaled(d, f):
+            scale = self.atol + self.rtol * jnp.abs(f)
+            positive = scale > 0
+            # No 0/0 is ever formed, so `jax_debug_nans` stays quiet.
+            ratio = jnp.abs(d) / jnp.where(positive, scale, 1)
+            return jnp.where(positive, ratio, jnp.where(d == 0, 0, jnp.inf))
+
+        return self.norm(jtu.tree_map(scaled, difference, fz)) < 1
 
     def terminate(self, fn, y, args, options, state, tags):
         del fn, y, args, options, tags

@@ -4,7 +4,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
-from .._tree import ravel_rows, tree_rms
+from .._tree import ravel_rows, tree_max_abs
 from .base import (
     AbstractSolver,
     ConvergenceState,
@@ -37,7 +37,9 @@ class Broyden(Unsegmented, AbstractSolver):
 
     - `history`: the number of rank-one updates kept (at least 1).
     - `rowwise`: one quasi-Newton update per row rather than one for the whole state.
-    - `rtol`, `atol`: stop once `rms(f(z) − z) < atol + rtol · rms(f(z))`.
+    - `rtol`, `atol`, `norm`: stop once
+      `norm((f(z) − z) / (atol + rtol · |f(z)|)) < 1`, as optimistix does;
+      `norm` defaults to the largest magnitude.
 
     ??? cite "Reference"
 
@@ -71,7 +73,7 @@ class Broyden(Unsegmented, AbstractSolver):
     history: int = 8
     rtol: float = eqx.field(converter=float, default=1e-4)
     atol: float = eqx.field(converter=float, default=1e-6)
-    norm: Callable[[PyTree], Scalar] = tree_rms
+    norm: Callable[[PyTree], Scalar] = tree_max_abs
     rowwise: bool = False
 
     def __check_init__(self):

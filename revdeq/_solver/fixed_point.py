@@ -3,7 +3,7 @@ from collections.abc import Callable
 import equinox as eqx
 from jaxtyping import PyTree, Scalar
 
-from .._tree import tree_dtype, tree_lerp, tree_rms
+from .._tree import tree_dtype, tree_lerp, tree_max_abs
 from .base import (
     AbstractSolver,
     ConvergenceState,
@@ -26,7 +26,9 @@ class FixedPointIteration(Unsegmented, AbstractSolver):
     **Arguments:**
 
     - `damping`: weight of `f(z)` in the update, in (0, 2); `1` is plain iteration.
-    - `rtol`, `atol`: stop once `rms(f(z) − z) < atol + rtol · rms(f(z))`.
+    - `rtol`, `atol`, `norm`: stop once
+      `norm((f(z) − z) / (atol + rtol · |f(z)|)) < 1`, as optimistix does;
+      `norm` defaults to the largest magnitude.
 
     !!! Example
 
@@ -44,7 +46,7 @@ class FixedPointIteration(Unsegmented, AbstractSolver):
     damping: float = eqx.field(converter=float, default=1.0)
     rtol: float = eqx.field(converter=float, default=1e-4)
     atol: float = eqx.field(converter=float, default=1e-6)
-    norm: Callable[[PyTree], Scalar] = tree_rms
+    norm: Callable[[PyTree], Scalar] = tree_max_abs
 
     def __check_init__(self):
         check_tolerances(self)

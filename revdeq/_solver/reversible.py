@@ -6,7 +6,7 @@ from jaxtyping import Array, Int, PyTree, Scalar
 
 from .._precision import AbstractPrecision, ExactState
 from .._solution import RESULTS
-from .._tree import tree_dtype, tree_rms
+from .._tree import tree_dtype, tree_max_abs
 from .base import AbstractSolver, ConvergenceState, check_tolerances, no_progress
 
 
@@ -38,7 +38,9 @@ class Reversible(AbstractSolver):
 
     - `beta`: relaxation, in (0, 2) and not 1. The paper uses 0.5 for language and
         0.8 for vision. The inverse amplifies errors by `1/|1 − β|` per step.
-    - `rtol`, `atol`: stop once `rms(f(z) − z) < atol + rtol · rms(f(z))`.
+    - `rtol`, `atol`, `norm`: stop once
+      `norm((f(z) − z) / (atol + rtol · |f(z)|)) < 1`, as optimistix does;
+      `norm` defaults to the largest magnitude.
     - `precision`: how the state is stored; see [`revdeq.ExactState`][] (default,
         bit-exact reversal) and [`revdeq.FloatState`][].
 
@@ -75,7 +77,7 @@ class Reversible(AbstractSolver):
     beta: float = eqx.field(converter=float, default=0.8)
     rtol: float = eqx.field(converter=float, default=1e-4)
     atol: float = eqx.field(converter=float, default=1e-6)
-    norm: Callable[[PyTree], Scalar] = tree_rms
+    norm: Callable[[PyTree], Scalar] = tree_max_abs
     precision: AbstractPrecision = ExactState()
 
     def __check_init__(self):

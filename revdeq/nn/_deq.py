@@ -7,14 +7,15 @@ import jax.tree_util as jtu
 from jaxtyping import Array, DTypeLike, Float, PyTree
 
 from .._adjoint.base import AbstractAdjoint
+from .._precision import cast_exactly
 from .._solve import solve
 from .._solver.base import AbstractSolver
 
 
 def _cast(tree: PyTree, dtype: DTypeLike) -> PyTree:
-    """Cast every floating-point array leaf of `tree` to `dtype`."""
+    """Cast every floating-point array leaf of `tree` to `dtype`, exactly."""
     return jtu.tree_map(
-        lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, tree
+        lambda x: cast_exactly(x, dtype) if eqx.is_inexact_array(x) else x, tree
     )
 
 
@@ -33,7 +34,7 @@ class _PolicyCell(eqx.Module):
         else:
             cell, z_in, x_in = _cast((self.cell, z, x), self.compute_dtype)
             out = cell(z_in, x_in)
-        return out.astype(z.dtype)
+        return cast_exactly(out, z.dtype)
 
 
 class DEQ(eqx.Module):
@@ -45,7 +46,8 @@ class DEQ(eqx.Module):
     **Mixed precision.** The state lives in `state_dtype` (float32 by default; the
     paper keeps a float64 state under float32 weights). With `compute_dtype` set
     (e.g. `jnp.bfloat16`), every evaluation casts the cell's parameters, the state
-    and `x` to `compute_dtype`, and casts the output back to `state_dtype`. The
+    and `x` to `compute_dtype`, and casts the output back to `state_dtype`, each
+    with [`revdeq.cast_exactly`][] so that the reconstruction stays exact. The
     parameters themselves stay in their own dtype and receive gradients there.
 
     ??? cite

@@ -366,6 +366,21 @@ def test_tolerances_stop_where_optimistix_stops(norm):
         assert whole_state_steps() < theirs.stats["num_steps"]
 
 
+def test_an_element_exactly_at_zero_converges_without_atol():
+    # Its scale `rtol · |f(z)|` is zero, and so is its difference: converged, and
+    # no 0/0 is ever formed (optimistix's own test would be NaN there).
+    cell = lambda z, x: jnp.tanh(0.5 * z + x)
+    x = jnp.array([0.0, 1.0], default_float())
+    solver = revdeq.FixedPointIteration(rtol=1e-4, atol=0)
+    with jax.debug_nans(True):
+        sol = revdeq.solve(
+            cell, jnp.zeros_like(x), x, solver=solver,
+            adjoint=revdeq.ImplicitAdjoint(), max_steps=100,
+        )  # fmt: skip
+    assert sol.result == revdeq.RESULTS.successful
+    assert sol.stats["num_steps"] < 100
+
+
 @pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: type(s).__name__)
 def test_optimistix_implicit_jvp_with_aux_on_a_pytree(getkey, solver):
     # optimistix differentiates the solution, not the solver's path, so even a

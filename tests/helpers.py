@@ -136,3 +136,21 @@ def dense_implicit_gradient(cell, z_star, x, cotangent):
     w = jnp.linalg.solve(jnp.eye(flat.size) - jac.T, g)
     _, vjp = eqx.filter_vjp(lambda c, xx: c(z_star, xx), cell, x)
     return vjp(unravel(w))
+
+
+def float32_problem(key, dim=32, batch=4):
+    """A float32 `TanhCell`, a batch of zero starts and a batch of inputs."""
+    k1, k2 = jax.random.split(key)
+    cell = TanhCell(dim, key=k1, dtype=jnp.float32)
+    xs = jax.random.normal(k2, (batch, dim), jnp.float32)
+    return cell, jnp.zeros_like(xs), xs
+
+
+def batch_grad(single, cell, z0s, xs):
+    """The gradient in `cell` of a loss on `single` vmapped over the batch."""
+
+    def loss(cell):
+        out = jax.vmap(single, in_axes=(None, 0, 0))(cell, z0s, xs)
+        return jnp.sum(jnp.sin(out))
+
+    return eqx.filter_grad(loss)(cell)

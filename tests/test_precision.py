@@ -1,8 +1,6 @@
 """Exact reversal at working precision: `ExactState` against float64 truths."""
 
 import functools
-import textwrap
-from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -12,41 +10,31 @@ import pytest
 
 import revdeq
 
-from .helpers import TanhCell, plain_reversible_loop, relative_error, run_script
+from .helpers import (
+    batch_grad,
+    float32_problem,
+    plain_reversible_loop,
+    relative_error,
+)
 
 
 pytestmark = pytest.mark.usefixtures("x64_on_and_off")
 
 
-def _float32_problem(key, dim=32, batch=4):
-    k1, k2 = jax.random.split(key)
-    cell = TanhCell(dim, key=k1, dtype=jnp.float32)
-    xs = jax.random.normal(k2, (batch, dim), jnp.float32)
-    return cell, jnp.zeros_like(xs), xs
-
-
-def _batch_grad(single, cell, z0s, xs):
-    def loss(cell):
-        out = jax.vmap(single, in_axes=(None, 0, 0))(cell, z0s, xs)
-        return jnp.sum(jnp.sin(out))
-
-    return eqx.filter_grad(loss)(cell)
-
-
 @pytest.mark.parametrize("beta", [0.5, 0.8, 0.9, 1.2])
 @pytest.mark.parametrize("steps", [16, 64])
 def test_exact_state_matches_float64_truth(getkey, beta, steps):
-    cell, z0s, xs = _float32_problem(getkey())
+    cell, z0s, xs = float32_problem(getkey())
     solver = revdeq.Reversible(beta=beta, rtol=0, atol=0)
 
     def ours(c, z0, x):
         return revdeq.solve(c, z0, x, solver=solver, max_steps=steps).value
 
-    got = _batch_grad(ours, cell, z0s, xs)  # float32, x64 off, certificate on
+    got = batch_grad(ours, cell, z0s, xs)  # float32, x64 off, certificate on
     with jax.enable_x64(True):
         as64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (cell, z0s, xs))
         loop = functools.partial(plain_reversible_loop, beta=beta, steps=steps)
-        truth = _batch_grad(loop, *as64)
+        truth = batch_grad(loop, *as64)
         truth = jax.tree.map(np.asarray, truth)
     assert relative_error(got, truth) <= 1e-5
 
@@ -71,17 +59,17 @@ def test_exact_state_conv_cell_matches_float64_truth(getkey, beta):
     def ours(c, z0, x):
         return revdeq.solve(c, z0, x, solver=solver, max_steps=32).value
 
-    got = _batch_grad(ours, cell, z0s, xs)
+    got = batch_grad(ours, cell, z0s, xs)
     with jax.enable_x64(True):
         as64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (cell, z0s, xs))
         loop = functools.partial(plain_reversible_loop, beta=beta, steps=32)
-        truth = jax.tree.map(np.asarray, _batch_grad(loop, *as64))
+        truth = jax.tree.map(np.asarray, batch_grad(loop, *as64))
     assert relative_error(got, truth) <= 1e-5
 
 
 @pytest.mark.parametrize("beta", [0.5, 0.9, 1.2, 0.123])
 def test_exact_state_reconstructs_bit_for_bit(getkey, beta):
-    cell, z0s, xs = _float32_problem(getkey())
+    cell, z0s, xs = float32_problem(getkey())
     solver = revdeq.Reversible(beta=beta, rtol=0, atol=0)
     drift = revdeq.reconstruction_error(
         cell, z0s[0], xs[0], solver=solver, max_steps=100
@@ -96,7 +84,7 @@ def test_exact_state_reconstructs_bit_for_bit(getkey, beta):
     [(0.9, 1), (0.9, 8), (0.9, 9), (0.9, 10), (0.9, 27), (0.8, 13), (0.8, 14)],
 )
 def test_exact_state_reconstructs_across_buffer_words(getkey, beta, steps):
-    cell, z0s, xs = _float32_problem(getkey())
+    cell, z0s, xs = float32_problem(getkey())
     solver = revdeq.Reversible(beta=beta, rtol=0, atol=0)
     drift = revdeq.reconstruction_error(
         cell, z0s[0], xs[0], solver=solver, max_steps=steps
@@ -108,7 +96,7 @@ def test_batched_samples_stopping_at_different_steps(getkey):
     # Inputs of different sizes converge after different numbers of steps, spread
     # over several buffer words; the batched reverse loop must undo each sample's
     # own steps only.
-    cell, z0s, xs = _float32_problem(getkey(), batch=6)
+    cell, z0s, xs = float32_problem(getkey(), batch=6)
     xs = xs * jnp.array([0.1, 0.5, 1.0, 2.0, 4.0, 8.0], jnp.float32)[:, None]
     solver = revdeq.Reversible(beta=0.9, rtol=1e-5, atol=0)  # 9 steps a word
     max_steps = 60
@@ -132,7 +120,7 @@ def test_batched_samples_stopping_at_different_steps(getkey):
                 c, z0, x, solver=solver, adjoint=adjoint, max_steps=max_steps
             ).value
 
-        return _batch_grad(single, cell, z0s, xs)
+        return batch_grad(single, cell, z0s, xs)
 
     reversible = with_adjoint(revdeq.ReversibleAdjoint())
     unrolled = with_adjoint(revdeq.UnrolledAdjoint())
@@ -140,7 +128,7 @@ def test_batched_samples_stopping_at_different_steps(getkey):
 
 
 def test_float32_state_drifts_where_exact_state_does_not(getkey):
-    cell, z0s, xs = _float32_problem(getkey())
+    cell, z0s, xs = float32_problem(getkey())
     naive = revdeq.Reversible(beta=0.9, rtol=0, atol=0, precision=revdeq.FloatState())
     drift = revdeq.reconstruction_error(cell, z0s[0], xs[0], solver=naive, max_steps=16)
     assert drift > 1e-3
@@ -148,147 +136,14 @@ def test_float32_state_drifts_where_exact_state_does_not(getkey):
 
 def test_no_nan_far_past_convergence(getkey):
     # The residual reaches the float32 floor long before 200 steps.
-    cell, z0s, xs = _float32_problem(getkey())
+    cell, z0s, xs = float32_problem(getkey())
     solver = revdeq.Reversible(beta=0.8, rtol=0, atol=0)
 
     def ours(c, z0, x):
         return revdeq.solve(c, z0, x, solver=solver, max_steps=200).value
 
-    grads = _batch_grad(ours, cell, z0s, xs)
+    grads = batch_grad(ours, cell, z0s, xs)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
-
-
-class _Bfloat16Cell(eqx.Module):
-    """Computes in bfloat16 on a float32 state, casting with `cast`."""
-
-    inner: TanhCell
-    cast: Callable = eqx.field(static=True, default=revdeq.cast_exactly)
-
-    def __call__(self, z, x):
-        low = jax.tree.map(lambda a: self.cast(a, jnp.bfloat16), (self.inner, z, x))
-        return self.cast(low[0](low[1], low[2]), z.dtype)
-
-
-def _astype(x, dtype):
-    return x.astype(dtype)
-
-
-def test_bfloat16_compute(getkey):
-    cell, z0s, xs = _float32_problem(getkey())
-    cell = _Bfloat16Cell(cell)
-    solver = revdeq.Reversible(beta=0.8, rtol=0, atol=0)
-
-    def with_adjoint(adjoint):
-        def single(c, z0, x):
-            return revdeq.solve(
-                c, z0, x, solver=solver, adjoint=adjoint, max_steps=12
-            ).value
-
-        return _batch_grad(single, cell, z0s, xs)
-
-    # The states are rebuilt bit for bit, so both adjoints differentiate the same
-    # forward computation. Each VJP of the cell then runs in bfloat16, and the two
-    # adjoints sum their cotangents in different orders before casting them down: they
-    # agree to bfloat16 resolution (2^-8 ≈ 4e-3), not beyond.
-    reversible = with_adjoint(revdeq.ReversibleAdjoint())
-    unrolled = with_adjoint(revdeq.UnrolledAdjoint())
-    assert relative_error(reversible, unrolled) <= 1e-2
-    # Against the plain float32 loop with the same bfloat16 cell, the two forward
-    # computations round differently in bfloat16, so only agreement to bf16 level.
-    loop = functools.partial(plain_reversible_loop, beta=0.8, steps=12)
-    assert relative_error(reversible, _batch_grad(loop, cell, z0s, xs)) <= 5e-2
-    drift = revdeq.reconstruction_error(
-        cell, z0s[0], xs[0], solver=solver, max_steps=12
-    )
-    assert drift == 0
-
-
-@pytest.mark.parametrize("beta", [0.8, 1.5])
-def test_cast_exactly_keeps_a_bfloat16_cell_reversible(getkey, beta):
-    # By default XLA computes bfloat16 arithmetic in float32 and may skip the
-    # rounding of a cast pair, depending on where its fusions and loop bodies end:
-    # with plain casts the two passes evaluate different functions and the
-    # reconstruction drifts. `cast_exactly` rounds where it is written.
-    inner, z0s, xs = _float32_problem(getkey())
-    solver = revdeq.Reversible(beta=beta, rtol=0, atol=0)
-
-    def drift(cast):
-        cell = _Bfloat16Cell(inner, cast)
-        return revdeq.reconstruction_error(
-            cell, z0s[0], xs[0], solver=solver, max_steps=12, unroll=False
-        )
-
-    assert drift(_astype) > 0
-    assert drift(revdeq.cast_exactly) == 0
-
-    # Its derivative is that of `astype`.
-    def grad(cast):
-        return jax.grad(lambda a: jnp.sum(cast(a, jnp.bfloat16).astype(a.dtype) ** 2))
-
-    assert jnp.array_equal(grad(revdeq.cast_exactly)(xs[0]), grad(_astype)(xs[0]))
-
-
-def test_bfloat16_state_reconstructs_bit_for_bit(getkey):
-    # A state in bfloat16 itself: the exact state's own casts to and from its
-    # float32 arithmetic must round where they are written too.
-    cell = TanhCell(8, key=getkey(), dtype=jnp.bfloat16)
-    x = jax.random.normal(getkey(), (8,), jnp.bfloat16)
-    solver = revdeq.Reversible(beta=1.5, rtol=0, atol=0)
-    for unroll in (False, True):  # drifted by 0.13 in the loop before
-        drift = revdeq.reconstruction_error(
-            cell, x, x, solver=solver, max_steps=4, unroll=unroll
-        )
-        assert drift == 0, unroll
-
-
-def test_deq_compute_dtype_is_reversible_bit_for_bit(getkey):
-    cell = revdeq.nn.MLPCell(dim=16, hidden=32, key=getkey())
-    deq = revdeq.nn.DEQ(
-        cell, (16,), solver=revdeq.Reversible(beta=0.8, rtol=0, atol=0),
-        adjoint=revdeq.ReversibleAdjoint(), max_steps=12, compute_dtype=jnp.bfloat16,
-    )  # fmt: skip
-    x = jax.random.normal(getkey(), (16,))
-    drift = revdeq.reconstruction_error(
-        deq.fn, jnp.zeros(16), x, solver=deq.solver, max_steps=12
-    )
-    assert drift == 0
-
-
-_BFLOAT16_SCRIPT = textwrap.dedent(
-    """
-    import json
-    import jax, jax.numpy as jnp
-    import equinox as eqx
-    import revdeq
-    from helpers import TanhCell
-
-    class Bfloat16Cell(eqx.Module):
-        inner: TanhCell
-
-        def __call__(self, z, x):
-            low = jax.tree.map(lambda a: a.astype(jnp.bfloat16), (self.inner, z, x))
-            return low[0](low[1], low[2]).astype(z.dtype)
-
-    k1, k2 = jax.random.split(jax.random.key(0))
-    cell = Bfloat16Cell(TanhCell(32, key=k1, dtype=jnp.float32))
-    x = jax.random.normal(k2, (32,), jnp.float32)
-    drifts = [
-        float(revdeq.reconstruction_error(
-            cell, jnp.zeros(32, jnp.float32), x, max_steps=steps,
-            solver=revdeq.Reversible(beta=beta, rtol=0, atol=0),
-        ))
-        for beta in (0.5, 0.9) for steps in (12, 40)
-    ]
-    print(json.dumps(drifts))
-    """
-)
-
-
-def test_bfloat16_compute_reverses_bit_for_bit_without_excess_precision():
-    # The other way out for plain casts: with XLA's excess precision off, every
-    # bfloat16 operation rounds where it is written, in both passes alike.
-    drifts = run_script(_BFLOAT16_SCRIPT, "--xla_allow_excess_precision=false")
-    assert drifts == [0.0] * 4
 
 
 def test_unusual_beta_uses_the_nearest_reversible_one(getkey):
@@ -296,7 +151,7 @@ def test_unusual_beta_uses_the_nearest_reversible_one(getkey):
     solver = revdeq.Reversible(beta=0.123, rtol=0, atol=0)
     assert solver.relaxation == pytest.approx(0.123, abs=1e-4)
     assert revdeq.Reversible(beta=0.8).relaxation == 0.8
-    cell, z0s, xs = _float32_problem(getkey())
+    cell, z0s, xs = float32_problem(getkey())
 
     def with_adjoint(adjoint):
         def single(c, z0, x):
@@ -304,7 +159,7 @@ def test_unusual_beta_uses_the_nearest_reversible_one(getkey):
                 c, z0, x, solver=solver, adjoint=adjoint, max_steps=10
             ).value
 
-        return _batch_grad(single, cell, z0s, xs)
+        return batch_grad(single, cell, z0s, xs)
 
     reversible = with_adjoint(revdeq.ReversibleAdjoint())
     unrolled = with_adjoint(revdeq.UnrolledAdjoint())

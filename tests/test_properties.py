@@ -165,7 +165,7 @@ def test_exact_or_reported(case):
         # which undoing the first step amplifies by `β / |1 − β|`.
         beta = solver.relaxation
         amplification = max(1.0, beta / abs(1 - beta))
-        assert drift <= amplification * jnp.finfo(jnp.dtype(case["dtype"])).eps
+        assert float(drift) <= amplification * float(jnp.finfo(case["dtype"]).eps)
     else:
         assert drift == 0
 

@@ -541,8 +541,7 @@ def cast_exactly(x: Array, dtype) -> Array:
     arithmetic on the bits, which XLA keeps, to the precision of the narrower of
     the two dtypes. Its derivative is that of `astype`. [`revdeq.nn.DEQ`][]'s
     `compute_dtype` casts this way; use it at the boundaries of a cell that casts
-    on its own. (float16's narrower exponent range is still left to the
-    conversion.)
+    on its own.
 
     !!! Example
 
@@ -563,7 +562,7 @@ def cast_exactly(x: Array, dtype) -> Array:
         )  # 0.0
         ```
     """
-    dtype = jnp.dtype(dtype)
+    x, dtype = jnp.asarray(x), jnp.dtype(dtype)
     if not (
         jnp.issubdtype(x.dtype, jnp.floating) and jnp.issubdtype(dtype, jnp.floating)
     ):
@@ -589,9 +588,18 @@ def _round_to(x, dtype):
     bits = jax.lax.bitcast_convert_type(x, uint)
     odd = (bits >> drop) & 1
     half = uint((1 << (drop - 1)) - 1)
-    rounded = (bits + half + odd) & ~uint((1 << drop) - 1)
+    rounded = jax.lax.bitcast_convert_type(
+        (bits + half + odd) & ~uint((1 << drop) - 1), x.dtype
+    )
+    narrow = jnp.finfo(dtype)
+    if narrow.minexp > jnp.finfo(x.dtype).minexp:  # float16: fewer exponents
+        # Below its smallest normal the spacing is fixed: round on that grid, with
+        # scalings by powers of two, which are exact.
+        tiny = float(narrow.smallest_subnormal)
+        grid = jnp.round(x * (1 / tiny)) * tiny
+        rounded = jnp.where(jnp.abs(x) < float(narrow.smallest_normal), grid, rounded)
     # A NaN stays a NaN: carrying into the exponent could make it an infinity.
-    return jnp.where(jnp.isnan(x), x, jax.lax.bitcast_convert_type(rounded, x.dtype))
+    return jnp.where(jnp.isnan(x), x, rounded)
 
 
 def _injection(f, beta, exponent):

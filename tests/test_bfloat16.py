@@ -8,6 +8,7 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import revdeq
@@ -153,3 +154,18 @@ def test_bfloat16_compute_reverses_bit_for_bit_without_excess_precision():
     # bfloat16 operation rounds where it is written, in both passes alike.
     drifts = run_script(_BFLOAT16_SCRIPT, "--xla_allow_excess_precision=false")
     assert drifts == [0.0] * 4
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_cast_exactly_rounds_as_numpy_does(dtype):
+    # The truth is ml_dtypes' conversion in numpy, outside XLA: ties to even,
+    # signed zeros, subnormals, infinities and NaN.
+    bits = np.random.default_rng(0).integers(0, 2**32, 20_000, dtype=np.uint32)
+    specials = [0, -0.0, 1 + 2**-8, 1 + 3 * 2**-8, 1e-40, -1e-45, 65519, np.inf, np.nan]
+    x = np.concatenate([bits.view(np.float32), np.array(specials, np.float32)])
+    got = np.asarray(revdeq.cast_exactly(jnp.asarray(x), dtype))
+    with np.errstate(all="ignore"):  # overflow to infinity is part of the truth
+        want = x.astype(dtype)
+    assert got.dtype == want.dtype
+    same = (got == want) | (np.isnan(got) & np.isnan(want))
+    assert same.all(), x[~same][:5]

@@ -248,13 +248,15 @@ def train(
     model, opt_state = parallel.replicate((model, opt_state))
     data_key, step_key = jax.random.split(jax.random.key(args.seed))
     metrics: dict[str, float] = {}
+    root = pathlib.Path(args.out)
+    label = str(out.relative_to(root)) if out.is_relative_to(root) else out.name
     for epoch in range(first_epoch, args.epochs):
         start = time.perf_counter()
         epoch_batches = batches(jax.random.fold_in(data_key, epoch))
         progress = tqdm(
             epoch_batches,
             total=num_batches,
-            desc=f"{out.name} epoch {epoch + 1}/{args.epochs}",
+            desc=f"{label} epoch {epoch + 1}/{args.epochs}",
             leave=False,
         )
         for i, batch in enumerate(progress):
@@ -274,7 +276,7 @@ def train(
             step=(epoch + 1) * num_batches, split="eval", epoch=epoch + 1, **metrics
         )
         tqdm.write(
-            f"{out.name} epoch {epoch + 1}: "
+            f"{label} epoch {epoch + 1}: "
             + ", ".join(f"{name} {value:.4g}" for name, value in metrics.items())
         )
         extra = {"epoch": epoch + 1, "wall_time_s": elapsed, "train_time_s": train_time}

@@ -61,9 +61,8 @@ def resolve_unroll(unroll: bool | None, solver: AbstractSolver, max_steps: int) 
     """
     _check_max_steps(max_steps)
     if unroll is None:
-        precision = getattr(solver, "precision", None)
-        bit_exact = precision is not None and precision.bit_exact
-        return solver.fixed_steps and max_steps <= UNROLL_MAX_STEPS and not bit_exact
+        small = solver.fixed_steps and max_steps <= UNROLL_MAX_STEPS
+        return small and not solver.bit_exact
     if not isinstance(unroll, bool):
         raise ValueError(f"`unroll` must be True, False or None, got {unroll!r}.")
     return unroll

@@ -132,6 +132,9 @@ def _loss(z, m):
 @given(case=_cases())
 def test_exact_or_reported(case):
     note(repr(case))
+    # Every case compiles its own programs and none is reused; without this the
+    # executables of a few hundred cases exhaust the process's memory mappings.
+    jax.clear_caches()
     cell, z0, x = _problem(case)
     m, steps = case["magnitude"], case["steps"]
     solver = revdeq.Reversible(beta=case["beta"], rtol=0, atol=0)

@@ -177,7 +177,8 @@ def test_exact_or_reported(case):
     # dtype gets close: ours must then be within 10× of what the plain loop's
     # error in the cell's dtype (float32 for a float64 cell, scaled by the ratio of
     # their epsilons) says that dtype can reach, times the resolution `ExactState`
-    # spends on headroom for its bound `β / (1 − |1 − β|)` (41× at β = 1.95).
+    # spends on headroom for its bound `β / (1 − |1 − β|)` (41× at β = 1.95), and
+    # up to 2× more, as its exponent is a whole number of bits.
     def plain_gradient(cell, z0, x):
         def loss(cell, x):
             out = plain_reversible_loop(cell, z0, x, solver.relaxation, steps)
@@ -199,5 +200,5 @@ def test_exact_or_reported(case):
         )
         beta = solver.relaxation
         headroom = max(1.0, beta / (1 - abs(1 - beta)))
-        tolerance = max(_GRADIENT_RTOL[case["dtype"]], 10 * headroom * reachable)
+        tolerance = max(_GRADIENT_RTOL[case["dtype"]], 20 * headroom * reachable)
         assert relative_error(grads, truth) <= tolerance

@@ -19,7 +19,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 # Two workers: most of a test's time is compiling, on one core.
 test: $(STAMP) data
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --durations=15
 
 demo: $(STAMP) data
 	$(PY) experiments/demo.py

@@ -149,6 +149,7 @@ _BFLOAT16_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a fresh Python; CI runs it after `make test`
 def test_bfloat16_compute_reverses_bit_for_bit_without_excess_precision():
     # The other way out for plain casts: with XLA's excess precision off, every
     # bfloat16 operation rounds where it is written, in both passes alike.

@@ -290,6 +290,7 @@ def test_language_model_reversible_gradients_match_unrolled(getkey):
     assert relative_error(reversible, unrolled) < 1e-4
 
 
+@pytest.mark.slow  # compile-heavy; CI runs it after `make test`
 def test_resnet_reversible_gradients_match_unrolled(getkey):
     key = getkey()
     images = jr.normal(getkey(), (2, 3, 6, 6))
@@ -313,7 +314,7 @@ def test_resnet_reversible_gradients_match_unrolled(getkey):
     assert relative_error(reversible, unrolled) < 1e-4
 
 
-@pytest.mark.parametrize("steps", [4, 16, 64])
+@pytest.mark.parametrize("steps", [4, pytest.param(16, marks=pytest.mark.slow), 64])
 def test_language_model_exact_state_gradient_matches_float64_truth(getkey, steps):
     """The default model: a position-wise `ExactState`, float32 parameters, against
     autodiff of the same reversible iteration in float64 (a scan, which compiles

@@ -10,9 +10,10 @@ import pytest
 
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
-# Executing these takes about a minute of CPU each, so they run on request
+# Executing a notebook takes up to a minute of CPU, so they run on request
 # (`pytest -m slow`, which CI runs after `make test`), not in the default run.
 _LONG = {
+    "01_quickstart",
     "02_exact_gradients",
     "03_memory_and_speed",
     "04_train_fashion_mnist",

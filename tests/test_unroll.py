@@ -73,8 +73,11 @@ def _batch(tree, scales):
     "name, steps, problem",
     [(name, 3, _array_problem) for name in SOLVERS]
     # Across a word of the exact state's buffer (9 steps at β = 0.9).
-    + [("exact-0.9", 10, _array_problem), ("exact-0.9", 10, _pytree_problem)]
-    + [("float-0.5", 1, _pytree_problem), ("anderson", 10, _pytree_problem)],
+    + [("exact-0.9", 10, _array_problem), ("float-0.5", 1, _pytree_problem)]
+    + [
+        pytest.param("exact-0.9", 10, _pytree_problem, marks=pytest.mark.slow),
+        pytest.param("anderson", 10, _pytree_problem, marks=pytest.mark.slow),
+    ],
 )
 def test_unrolled_matches_loop(getkey, name, steps, problem):
     cell, z0, x = problem(getkey())
@@ -196,6 +199,7 @@ def test_bad_unroll(unroll):
         revdeq.solve(lambda z, x: z, jnp.zeros(2), None, unroll=unroll)
 
 
+@pytest.mark.slow  # compile-heavy; CI runs it after `make test`
 def test_unrolled_reverse_pass_keeps_no_states_alive():
     # Compiled memory of a batched value_and_grad with a float state: the
     # straight-line reverse pass rebuilds each state and accumulates each step's
@@ -234,6 +238,7 @@ def _tanh_cell(z, _):
     return jnp.tanh(0.5 * z + 1.0)
 
 
+@pytest.mark.slow  # compile-heavy; CI runs it after `make test`
 def test_unrolled_gradient_of_a_cell_without_parameters():
     def loss(z0):
         sol = revdeq.solve(_tanh_cell, z0, None, solver=FLOAT, max_steps=4)

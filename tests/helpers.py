@@ -1,5 +1,6 @@
 """Test problems and independent references for gradients."""
 
+import functools
 import json
 import os
 import subprocess
@@ -11,6 +12,8 @@ import jax.flatten_util
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+
+import revdeq
 
 
 def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8):
@@ -154,3 +157,22 @@ def batch_grad(single, cell, z0s, xs):
         return jnp.sum(jnp.sin(out))
 
     return eqx.filter_grad(loss)(cell)
+
+
+def solve_grad(cell, z0s, xs, *, solver, max_steps, adjoint=None):
+    """`batch_grad` through `revdeq.solve`'s value, with `adjoint` or the default."""
+
+    def single(c, z0, x):
+        return revdeq.solve(
+            c, z0, x, solver=solver, adjoint=adjoint, max_steps=max_steps
+        ).value
+
+    return batch_grad(single, cell, z0s, xs)
+
+
+def float64_loop_grad(cell, z0s, xs, *, beta, steps):
+    """The independent truth: `batch_grad` of a plain float64 reversible loop."""
+    with jax.enable_x64(True):
+        as64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (cell, z0s, xs))
+        loop = functools.partial(plain_reversible_loop, beta=beta, steps=steps)
+        return jax.tree.map(np.asarray, batch_grad(loop, *as64))

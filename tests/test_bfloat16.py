@@ -20,6 +20,7 @@ from .helpers import (
     plain_reversible_loop,
     relative_error,
     run_script,
+    solve_grad,
 )
 
 
@@ -43,20 +44,16 @@ def test_bfloat16_compute(getkey):
     cell = _Bfloat16Cell(cell)
     solver = revdeq.Reversible(beta=0.8, rtol=0, atol=0)
 
-    def with_adjoint(adjoint):
-        def single(c, z0, x):
-            return revdeq.solve(
-                c, z0, x, solver=solver, adjoint=adjoint, max_steps=12
-            ).value
-
-        return batch_grad(single, cell, z0s, xs)
-
     # The states are rebuilt bit for bit, so both adjoints differentiate the same
     # forward computation. Each VJP of the cell then runs in bfloat16, and the two
     # adjoints sum their cotangents in different orders before casting them down: they
     # agree to bfloat16 resolution (2^-8 ≈ 4e-3), not beyond.
-    reversible = with_adjoint(revdeq.ReversibleAdjoint())
-    unrolled = with_adjoint(revdeq.UnrolledAdjoint())
+    reversible = solve_grad(
+        cell, z0s, xs, solver=solver, max_steps=12, adjoint=revdeq.ReversibleAdjoint()
+    )
+    unrolled = solve_grad(
+        cell, z0s, xs, solver=solver, max_steps=12, adjoint=revdeq.UnrolledAdjoint()
+    )
     assert relative_error(reversible, unrolled) <= 1e-2
     # Against the plain float32 loop with the same bfloat16 cell, the two forward
     # computations round differently in bfloat16, so only agreement to bf16 level.

@@ -1,7 +1,5 @@
 """Exact reversal at working precision: `ExactState` against float64 truths."""
 
-import functools
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -13,8 +11,9 @@ import revdeq
 from .helpers import (
     batch_grad,
     float32_problem,
-    plain_reversible_loop,
+    float64_loop_grad,
     relative_error,
+    solve_grad,
 )
 
 
@@ -27,15 +26,8 @@ def test_exact_state_matches_float64_truth(getkey, beta, steps):
     cell, z0s, xs = float32_problem(getkey())
     solver = revdeq.Reversible(beta=beta, rtol=0, atol=0)
 
-    def ours(c, z0, x):
-        return revdeq.solve(c, z0, x, solver=solver, max_steps=steps).value
-
-    got = batch_grad(ours, cell, z0s, xs)  # float32, x64 off, certificate on
-    with jax.enable_x64(True):
-        as64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (cell, z0s, xs))
-        loop = functools.partial(plain_reversible_loop, beta=beta, steps=steps)
-        truth = batch_grad(loop, *as64)
-        truth = jax.tree.map(np.asarray, truth)
+    got = solve_grad(cell, z0s, xs, solver=solver, max_steps=steps)
+    truth = float64_loop_grad(cell, z0s, xs, beta=beta, steps=steps)
     assert relative_error(got, truth) <= 1e-5
 
 
@@ -56,14 +48,8 @@ def test_exact_state_conv_cell_matches_float64_truth(getkey, beta):
     z0s = jnp.zeros_like(xs)
     solver = revdeq.Reversible(beta=beta, rtol=0, atol=0)
 
-    def ours(c, z0, x):
-        return revdeq.solve(c, z0, x, solver=solver, max_steps=32).value
-
-    got = batch_grad(ours, cell, z0s, xs)
-    with jax.enable_x64(True):
-        as64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (cell, z0s, xs))
-        loop = functools.partial(plain_reversible_loop, beta=beta, steps=32)
-        truth = jax.tree.map(np.asarray, batch_grad(loop, *as64))
+    got = solve_grad(cell, z0s, xs, solver=solver, max_steps=32)
+    truth = float64_loop_grad(cell, z0s, xs, beta=beta, steps=32)
     assert relative_error(got, truth) <= 1e-5
 
 
@@ -114,16 +100,22 @@ def test_batched_samples_stopping_at_different_steps(getkey):
     )(z0s, xs)
     assert np.all(np.asarray(drift) == 0)
 
-    def with_adjoint(adjoint):
-        def single(c, z0, x):
-            return revdeq.solve(
-                c, z0, x, solver=solver, adjoint=adjoint, max_steps=max_steps
-            ).value
-
-        return batch_grad(single, cell, z0s, xs)
-
-    reversible = with_adjoint(revdeq.ReversibleAdjoint())
-    unrolled = with_adjoint(revdeq.UnrolledAdjoint())
+    reversible = solve_grad(
+        cell,
+        z0s,
+        xs,
+        solver=solver,
+        max_steps=max_steps,
+        adjoint=revdeq.ReversibleAdjoint(),
+    )
+    unrolled = solve_grad(
+        cell,
+        z0s,
+        xs,
+        solver=solver,
+        max_steps=max_steps,
+        adjoint=revdeq.UnrolledAdjoint(),
+    )
     assert relative_error(reversible, unrolled) <= 1e-5
 
 
@@ -153,16 +145,12 @@ def test_unusual_beta_uses_the_nearest_reversible_one(getkey):
     assert revdeq.Reversible(beta=0.8).relaxation == 0.8
     cell, z0s, xs = float32_problem(getkey())
 
-    def with_adjoint(adjoint):
-        def single(c, z0, x):
-            return revdeq.solve(
-                c, z0, x, solver=solver, adjoint=adjoint, max_steps=10
-            ).value
-
-        return batch_grad(single, cell, z0s, xs)
-
-    reversible = with_adjoint(revdeq.ReversibleAdjoint())
-    unrolled = with_adjoint(revdeq.UnrolledAdjoint())
+    reversible = solve_grad(
+        cell, z0s, xs, solver=solver, max_steps=10, adjoint=revdeq.ReversibleAdjoint()
+    )
+    unrolled = solve_grad(
+        cell, z0s, xs, solver=solver, max_steps=10, adjoint=revdeq.UnrolledAdjoint()
+    )
     assert relative_error(reversible, unrolled) <= 1e-5
 
 

@@ -57,9 +57,16 @@ _GRADIENT_RTOL = {"float64": 1e-9, "float32": 1e-3, "bfloat16": 1e-1}
 
 
 class _ScaledCell(eqx.Module):
-    """`m · tanh(W z / m + x)` on a pytree state, contractive, with its fixed point
-    of magnitude `m`. A fault makes it return `fault` (inf or NaN) once the state's
-    size passes `trigger · m`, partway along the path to the fixed point."""
+    """`m · tanh(w ⊙ roll(z / m) + x)` on a flattened pytree state, with weights `w`
+    of ±1/2, ±1/4 or ±1/8: contractive, with its fixed point of magnitude `m`, and
+    each element driven by its neighbour, across leaves. A fault makes it return
+    `fault` (inf or NaN) once the state's size passes `trigger · m`, partway along
+    the path to the fixed point.
+
+    Every product is by a power of two, so exact: `f` has the same bits whether or
+    not XLA fuses a multiply and an add, which it does in some programs and not in
+    others (see `test_precision.py::test_a_fused_multiply_add_drifts_within_bounds`).
+    """
 
     weight: jax.Array
     magnitude: float = eqx.field(static=True)
@@ -69,7 +76,8 @@ class _ScaledCell(eqx.Module):
     def __call__(self, z, x):
         flat, unravel = jax.flatten_util.ravel_pytree(z)
         m = jnp.asarray(self.magnitude, flat.dtype)
-        out = m * jnp.tanh(self.weight.astype(flat.dtype) @ (flat / m) + x)
+        neighbour = jnp.roll(flat / m, 1)
+        out = m * jnp.tanh(self.weight.astype(flat.dtype) * neighbour + x)
         if self.fault is not None:
             size = jnp.max(jnp.abs(flat / m))
             out = jnp.where(
@@ -117,7 +125,8 @@ def _problem(case):
         "denormal": lambda a: a * (jnp.finfo(dtype).tiny / 8),
     }[case["start"]]
     z0 = jax.tree.map(start, z0)
-    weight = 0.5 * jax.random.normal(keys[0], (size, size), jnp.float64) / size**0.5
+    sign = jax.random.rademacher(keys[0], (size,), jnp.float64)
+    weight = sign * 0.5 ** jax.random.randint(keys[2], (size,), 1, 4)
     x = jax.random.normal(keys[1], (size,), dtype)
     cell = _ScaledCell(weight, m, case["fault"], case["trigger"])
     return cell, z0, x

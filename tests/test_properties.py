@@ -126,7 +126,8 @@ def _problem(case):
     }[case["start"]]
     z0 = jax.tree.map(start, z0)
     sign = jax.random.rademacher(keys[0], (size,), jnp.float64)
-    weight = sign * 0.5 ** jax.random.randint(keys[2], (size,), 1, 4)
+    scales = jnp.array([0.5, 0.25, 0.125], jnp.float64)
+    weight = sign * jax.random.choice(keys[2], scales, (size,))
     x = jax.random.normal(keys[1], (size,), dtype)
     cell = _ScaledCell(weight, m, case["fault"], case["trigger"])
     return cell, z0, x

@@ -1,5 +1,7 @@
 """Exact reversal at working precision: `ExactState` against float64 truths."""
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import pytest
 import revdeq
 
 from .helpers import (
+    TanhCell,
     batch_grad,
     float32_problem,
     float64_loop_grad,
@@ -117,6 +120,61 @@ def test_batched_samples_stopping_at_different_steps(getkey):
         adjoint=revdeq.UnrolledAdjoint(),
     )
     assert relative_error(reversible, unrolled) <= 1e-5
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _tanh_off_when_differentiated(a, offset):
+    return jnp.tanh(a)
+
+
+@_tanh_off_when_differentiated.defjvp
+def _tanh_off_jvp(offset, primals, tangents):
+    (a,), (a_dot,) = primals, tangents
+    out = jnp.tanh(a)
+    return out * (1 + offset), (1 - out**2) * a_dot
+
+
+class _IrreproducibleCell(eqx.Module):
+    """A `TanhCell` whose VJPs see `tanh · (1 + offset)` and whose plain calls see
+    `tanh`: the backward pass evaluates another function than the forward pass, as
+    when XLA compiles `f` differently in the two (see docs/concepts/precision.md)."""
+
+    inner: TanhCell
+    offset: float = eqx.field(static=True)
+
+    def __call__(self, z, x):
+        pre = self.inner.weight @ z + self.inner.inject @ x + self.inner.bias
+        return _tanh_off_when_differentiated(pre, self.offset)
+
+
+@pytest.mark.parametrize(
+    ("offset", "steps", "raises"), [(1e-7, 4, False), (1e-5, 8, True)]
+)
+def test_a_cell_the_backward_pass_evaluates_differently_is_caught(
+    getkey, offset, steps, raises
+):
+    # `ExactState` is exact only when `f` gives the same bits in both passes. When it
+    # does not, nothing hides the difference: the drift measures it, amplified by
+    # each reversed step; one below the certificate's tolerance (sqrt(eps) ≈ 3e-4)
+    # costs a gradient error of its own size, and one above raises.
+    inner, z0s, xs = float32_problem(getkey())
+    cell = _IrreproducibleCell(inner, offset)
+    solver = revdeq.Reversible(beta=0.5, rtol=0, atol=0)
+    drift = float(
+        revdeq.reconstruction_error(cell, z0s[0], xs[0], solver=solver, max_steps=steps)
+    )
+    tolerance = np.sqrt(np.finfo(np.float32).eps)  # the certificate's default
+    assert drift > offset and (drift > tolerance) == raises
+
+    def grad():
+        return solve_grad(cell, z0s, xs, solver=solver, max_steps=steps)
+
+    if raises:
+        with pytest.raises(Exception, match="drifted.*other bits in the backward"):
+            jax.block_until_ready(grad())
+    else:
+        truth = float64_loop_grad(inner, z0s, xs, beta=0.5, steps=steps)
+        assert relative_error(grad().inner, truth) <= 10 * drift + 1e-5
 
 
 def test_float32_state_drifts_where_exact_state_does_not(getkey):

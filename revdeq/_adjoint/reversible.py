@@ -29,8 +29,10 @@ class ReversibleAdjoint(AbstractAdjoint):
     compares it with the true one. The relative drift `rms(rebuilt − true) /
     rms(output)` above `drift_tolerance` means the gradient is not exact: it raises
     under `throw=True` and warns otherwise. With the default
-    [`revdeq.ExactState`][] precision the drift is exactly zero; a forward state
-    that left the precision's range is reported the same way.
+    [`revdeq.ExactState`][] precision the drift is exactly zero whenever `fn` gives
+    the same bits in both passes, which XLA does not promise (see "What exactness
+    assumes" in the precision guide); a forward state that left the precision's
+    range is reported the same way.
 
     **Arguments:**
 
@@ -263,9 +265,18 @@ def drift(rebuilt_y, rebuilt_z, start, output) -> Float[Array, ""]:
 
 _DRIFTED = (
     "ReversibleAdjoint: the backward pass rebuilt an initial state that drifted from "
-    "the true one, so this gradient is not exact. Use the default "
+    "the true one, so this gradient is not exact. "
+)
+_DRIFTED_FLOAT = _DRIFTED + (
+    "A `FloatState` loses bits at every step: use the default "
     "`precision=ExactState()`, a float64 `FloatState`, fewer steps or a `beta` "
     "further from 1 (or raise `drift_tolerance` knowingly)."
+)
+_DRIFTED_EXACT = _DRIFTED + (
+    "The cell gave other bits in the backward pass than in the forward pass (XLA "
+    "may compile it differently in the two; see 'What exactness assumes' in the "
+    "precision guide), and each reversed step amplifies the difference: use fewer "
+    "steps or a `beta` further from 1 (or raise `drift_tolerance` knowingly)."
 )
 
 
@@ -320,7 +331,8 @@ def _reversible_solve_bwd(
     status = solver.precision.status((final_state.y, final_state.z))
     lost = status != RESULTS.successful
     drifted = drift(y0, z0, final_state.start, output) > tolerance
-    return report_failure(grads, [(lost, _LOST), (drifted, _DRIFTED)], throw)
+    message = _DRIFTED_EXACT if solver.bit_exact else _DRIFTED_FLOAT
+    return report_failure(grads, [(lost, _LOST), (drifted, message)], throw)
 
 
 def reconstruction_error(
@@ -338,8 +350,11 @@ def reconstruction_error(
 
     **Returns:** the relative drift `rms(rebuilt z₀ − z₀) / rms(output)` that
     [`revdeq.ReversibleAdjoint`][] certifies: exactly 0 with
-    [`revdeq.ExactState`][], and growing like `|1 − β|^(−steps)` times the state's
-    rounding with [`revdeq.FloatState`][].
+    [`revdeq.ExactState`][] when `fn` gives the same bits in both passes, and growing
+    like `|1 − β|^(−steps)` times the state's rounding with
+    [`revdeq.FloatState`][] (or times the difference, when `fn` does not). Call it
+    under `jax.jit`, batched like the training step: XLA compiles `fn` differently
+    in different programs.
 
     !!! Example
 

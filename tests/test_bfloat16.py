@@ -48,12 +48,9 @@ def test_bfloat16_compute(getkey):
     # forward computation. Each VJP of the cell then runs in bfloat16, and the two
     # adjoints sum their cotangents in different orders before casting them down: they
     # agree to bfloat16 resolution (2^-8 ≈ 4e-3), not beyond.
-    reversible = solve_grad(
-        cell, z0s, xs, solver=solver, max_steps=12, adjoint=revdeq.ReversibleAdjoint()
-    )
-    unrolled = solve_grad(
-        cell, z0s, xs, solver=solver, max_steps=12, adjoint=revdeq.UnrolledAdjoint()
-    )
+    grad = functools.partial(solve_grad, cell, z0s, xs, solver=solver, max_steps=12)
+    reversible = grad(adjoint=revdeq.ReversibleAdjoint())
+    unrolled = grad(adjoint=revdeq.UnrolledAdjoint())
     assert relative_error(reversible, unrolled) <= 1e-2
     # Against the plain float32 loop with the same bfloat16 cell, the two forward
     # computations round differently in bfloat16, so only agreement to bf16 level.

@@ -103,22 +103,9 @@ def test_batched_samples_stopping_at_different_steps(getkey):
     )(z0s, xs)
     assert np.all(np.asarray(drift) == 0)
 
-    reversible = solve_grad(
-        cell,
-        z0s,
-        xs,
-        solver=solver,
-        max_steps=max_steps,
-        adjoint=revdeq.ReversibleAdjoint(),
-    )
-    unrolled = solve_grad(
-        cell,
-        z0s,
-        xs,
-        solver=solver,
-        max_steps=max_steps,
-        adjoint=revdeq.UnrolledAdjoint(),
-    )
+    grad = functools.partial(solve_grad, cell, z0s, xs, solver=solver)
+    reversible = grad(max_steps=max_steps, adjoint=revdeq.ReversibleAdjoint())
+    unrolled = grad(max_steps=max_steps, adjoint=revdeq.UnrolledAdjoint())
     assert relative_error(reversible, unrolled) <= 1e-5
 
 
@@ -203,12 +190,9 @@ def test_unusual_beta_uses_the_nearest_reversible_one(getkey):
     assert revdeq.Reversible(beta=0.8).relaxation == 0.8
     cell, z0s, xs = float32_problem(getkey())
 
-    reversible = solve_grad(
-        cell, z0s, xs, solver=solver, max_steps=10, adjoint=revdeq.ReversibleAdjoint()
-    )
-    unrolled = solve_grad(
-        cell, z0s, xs, solver=solver, max_steps=10, adjoint=revdeq.UnrolledAdjoint()
-    )
+    grad = functools.partial(solve_grad, cell, z0s, xs, solver=solver, max_steps=10)
+    reversible = grad(adjoint=revdeq.ReversibleAdjoint())
+    unrolled = grad(adjoint=revdeq.UnrolledAdjoint())
     assert relative_error(reversible, unrolled) <= 1e-5
 
 

@@ -65,7 +65,7 @@ class _ScaledCell(eqx.Module):
 
     Every product is by a power of two, so exact: `f` has the same bits whether or
     not XLA fuses a multiply and an add, which it does in some programs and not in
-    others (see `test_precision.py::test_a_fused_multiply_add_drifts_within_bounds`).
+    others ("What exactness assumes" in docs/concepts/precision.md).
     """
 
     weight: jax.Array

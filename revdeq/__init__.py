@@ -10,12 +10,10 @@ from ._adjoint.reversible import (
     reconstruction_error as reconstruction_error,
 )
 from ._adjoint.unrolled import UnrolledAdjoint as UnrolledAdjoint
-from ._precision import (
-    AbstractPrecision as AbstractPrecision,
-    ExactState as ExactState,
-    FloatState as FloatState,
-    cast_exactly as cast_exactly,
-)
+from ._cast import cast_exactly as cast_exactly
+from ._precision.base import AbstractPrecision as AbstractPrecision
+from ._precision.exact_state import ExactState as ExactState
+from ._precision.float_state import FloatState as FloatState
 from ._solution import RESULTS as RESULTS, Solution as Solution
 from ._solve import solve as solve
 from ._solver.anderson import Anderson as Anderson

@@ -5,12 +5,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int, PyTree
 
+from .._custom_types import Args, Fn, Y
 from .._iterate import Iteration, iterate, resolve_unroll
 from .._solution import RESULTS
-from .._solver.reversible import Reversible
-from .._tree import tree_rms, tree_scale, tree_sub
+from .._solver.reversible import Reversible, ReversiblePair
+from .._tree import tree_scale
 from .base import AbstractAdjoint, report_failure
 
 
@@ -80,32 +81,33 @@ class ReversibleAdjoint(AbstractAdjoint):
 
 
 def reverse_pass(
-    fn,
-    args,
+    fn: Fn,
+    args: Args,
     solver: Reversible,
-    final_state,
-    num_steps,
-    cotangent,
-    z0,
+    final_pair: ReversiblePair,
+    num_steps: Int[Array, ""],
+    cotangent: Y,
+    z0: Y,
     *,
     max_steps: int,
     unroll: bool,
-):
-    """Walk `num_steps` reversible steps back from `final_state`, accumulating the
+) -> tuple[ReversiblePair, Y, PyTree]:
+    """Walk `num_steps` reversible steps back from `final_pair`, accumulating the
     cotangents of `(fn, args)` and of the state.
 
     Each reverse step takes two VJPs of `fn`, whose primal outputs rebuild the
-    previous state. The last one is taken at the true `z0`, the point the forward
-    pass evaluated. Under `vmap` the loop runs batched, with the cotangents of
-    unbatched parameters summed over the batch inside each step rather than kept per
-    sample. With `unroll=True` the loop is straight-line code over the `max_steps`
-    steps the forward pass may have taken, each one masked by `num_steps`.
+    previous state (by [`revdeq.Reversible`][]'s `undo_z` and `undo_y`). The last
+    one is taken at the true `z0`, the point the forward pass evaluated. Under
+    `vmap` the loop runs batched, with the cotangents of unbatched parameters summed
+    over the batch inside each step rather than kept per sample. With `unroll=True`
+    the loop is straight-line code over the `max_steps` steps the forward pass may
+    have taken, each one masked by `num_steps`.
 
-    Returns the rebuilt initial values `(y₀, z₀)`, the cotangent of `z₀` and that of
-    the floating-point arrays of `(fn, args)`.
+    Returns the rebuilt initial pair, the cotangent of `z0` and that of the
+    floating-point arrays of `(fn, args)`.
     """
     dynamic, static = eqx.partition(
-        (fn, args, final_state, num_steps, cotangent, z0), eqx.is_array
+        (fn, args, final_pair, num_steps, cotangent, z0), eqx.is_array
     )
 
     loop = functools.partial(_reverse_loop, solver, static, max_steps, unroll)
@@ -118,8 +120,8 @@ def reverse_pass(
     def _(axis_size, in_batched, dynamic):
         (batched,) = in_batched
         out = loop(dynamic, axis_size, batched)
-        y0, z0, z0_grad, grads = out
-        every = jtu.tree_map(lambda _: True, (y0, z0, z0_grad))
+        pair, z0_grad, grads = out
+        every = jtu.tree_map(lambda _: True, (pair, z0_grad))
         return out, (*every, _axes(grads, batched[:2], True, False))
 
     return run(dynamic)
@@ -136,12 +138,20 @@ def _axes(tree, batched, yes, no):
     )
 
 
+class _ReverseCarry(eqx.Module):
+    """The reverse loop's carry: the pair being rebuilt and the cotangents so far."""
+
+    pair: ReversiblePair
+    ybar: PyTree
+    zbar: PyTree
+    grads: PyTree
+
+
 def _reverse_loop(
     solver: Reversible, static, max_steps, unroll, dynamic, axis_size, batched
 ):
     """The reverse loop, on one example (`axis_size=None`) or on a batch whose
     batched leaves are flagged in `batched`."""
-    precision = solver.precision
     beta = solver.relaxation
     c = 1 - beta
     fn_args, state_etc = dynamic[:2], dynamic[2:]
@@ -155,62 +165,36 @@ def _reverse_loop(
             batched[2:],
         )
         lift = jax.vmap
-    final_state, num_steps, cotangent, z0 = eqx.combine(state_etc, static[2:])
+    final_pair, num_steps, cotangent, z0 = eqx.combine(state_etc, static[2:])
     diff, nondiff = eqx.partition(fn_args, eqx.is_inexact_array)
-    fn_args_static = static[:2]
+    fn_args_batched = None if batched is None else batched[:2]
+    vjp_at = _vjp_at(static[:2], diff, nondiff, fn_args_batched, axis_size, unroll)
+    decode = lift(solver.decode)
 
-    def apply(diff, point, nondiff):
-        fn, args = eqx.combine(diff, nondiff, fn_args_static)
-        return fn(point, args)
-
-    if axis_size is None:
-        evaluate = apply
-    else:
-        in_axes = (
-            _axes(diff, batched[:2], 0, None),
-            0,
-            _axes(nondiff, batched[:2], 0, None),
-        )
-        evaluate = jax.vmap(apply, in_axes=in_axes)
-
-    def vjp_at(point, grads):
-        leaves = jtu.tree_leaves(grads)
-        if unroll and leaves:
-            # Straight-line code has no loop to order the steps: without this
-            # dependency XLA runs every step's VJP before accumulating any of
-            # their parameter cotangents, and keeps them all alive.
-            tie = sum(0 * jnp.sum(g.reshape(-1)[:1]) for g in leaves)
-            point = jtu.tree_map(lambda p: p + tie.astype(p.dtype), point)
-        return jax.vjp(lambda d, p: evaluate(d, p, nondiff), diff, point)
-
-    def reverse(states, fval, step):
-        return lift(lambda s, f: precision.reverse(s, f, beta, step))(states, fval)
-
-    def undo(step, carry, active, first_step=False):
+    def undo(step, carry: _ReverseCarry, active, first_step=False) -> _ReverseCarry:
         """Undo forward step `step` where `active`."""
-        ys, zs, ybar, zbar, grads = carry
+        pair, ybar, zbar, grads = carry.pair, carry.ybar, carry.zbar, carry.grads
         # zₙ₊₁ = c·zₙ + β·f(yₙ₊₁)
-        fy, vjp_y = vjp_at(lift(precision.decode)(ys), grads)
-        new_zs = reverse(zs, fy, step)
+        fy, vjp_y = vjp_at(decode(pair.y), grads)
+        rebuilt = lift(lambda p, f: solver.undo_z(p, f, step))(pair, fy)
         dgrads, dy = vjp_y(_select(active, tree_scale(beta, zbar), None))
         ybar = jtu.tree_map(jnp.add, ybar, dy)
         grads = jtu.tree_map(jnp.add, grads, dgrads)
-        zs = _select(active, new_zs, zs)
+        pair = _select(active, rebuilt, pair)
         zbar = _select(active, tree_scale(c, zbar), zbar)
         # yₙ₊₁ = c·yₙ + β·f(zₙ); at the first step, zₙ is the true z₀ that f saw.
-        point = z0 if first_step else lift(precision.decode)(zs)
-        fz, vjp_z = vjp_at(point, grads)
-        new_ys = reverse(ys, fz, step)
+        fz, vjp_z = vjp_at(z0 if first_step else decode(pair.z), grads)
+        rebuilt = lift(lambda p, f: solver.undo_y(p, f, step))(pair, fz)
         dgrads, dz = vjp_z(_select(active, tree_scale(beta, ybar), None))
         zbar = jtu.tree_map(jnp.add, zbar, dz)
         grads = jtu.tree_map(jnp.add, grads, dgrads)
-        ys = _select(active, new_ys, ys)
+        pair = _select(active, rebuilt, pair)
         ybar = _select(active, tree_scale(c, ybar), ybar)
-        return ys, zs, ybar, zbar, grads
+        return _ReverseCarry(pair, ybar, zbar, grads)
 
     grads = jtu.tree_map(jnp.zeros_like, diff)
     ybar = jtu.tree_map(jnp.zeros_like, cotangent)
-    carry = (final_state.y, final_state.z, ybar, cotangent, grads)
+    carry = _ReverseCarry(final_pair, ybar, cotangent, grads)
     if unroll:
         for step in range(max_steps - 1, 0, -1):
             carry = undo(step, carry, step < num_steps)
@@ -228,10 +212,36 @@ def _reverse_loop(
         _, carry = jax.lax.while_loop(lambda k_carry: k_carry[0] > 1, body, init)
     # Every sample takes at least one step, and all end on the first: it is undone
     # last, where no select is needed to put back the true z₀.
-    ys, zs, ybar, zbar, grads = undo(0, carry, True, first_step=True)
-    z0_grad = jtu.tree_map(jnp.add, ybar, zbar)
-    decode = lift(precision.decode)
-    return decode(ys), decode(zs), z0_grad, grads
+    carry = undo(0, carry, True, first_step=True)
+    z0_grad = jtu.tree_map(jnp.add, carry.ybar, carry.zbar)
+    return carry.pair, z0_grad, carry.grads
+
+
+def _vjp_at(fn_args_static, diff, nondiff, batched, axis_size, unroll):
+    """`vjp_at(point, grads)`: `f(point)` and its VJP in `(diff, point)`, batched
+    like the reverse loop."""
+
+    def apply(diff, point, nondiff):
+        fn, args = eqx.combine(diff, nondiff, fn_args_static)
+        return fn(point, args)
+
+    if axis_size is None:
+        evaluate = apply
+    else:
+        in_axes = (_axes(diff, batched, 0, None), 0, _axes(nondiff, batched, 0, None))
+        evaluate = jax.vmap(apply, in_axes=in_axes)
+
+    def vjp_at(point, grads):
+        leaves = jtu.tree_leaves(grads)
+        if unroll and leaves:
+            # Straight-line code has no loop to order the steps: without this
+            # dependency XLA runs every step's VJP before accumulating any of
+            # their parameter cotangents, and keeps them all alive.
+            tie = sum(0 * jnp.sum(g.reshape(-1)[:1]) for g in leaves)
+            point = jtu.tree_map(lambda p: p + tie.astype(p.dtype), point)
+        return jax.vjp(lambda d, p: evaluate(d, p, nondiff), diff, point)
+
+    return vjp_at
 
 
 def _identity(f):
@@ -252,15 +262,6 @@ def _select(pred, on_true, on_false):
         return jnp.where(mask, t, f)
 
     return jtu.tree_map(leaf, on_true, on_false)
-
-
-def drift(rebuilt_y, rebuilt_z, start, output) -> Float[Array, ""]:
-    """The relative reconstruction error `rms(rebuilt − start) / rms(output)`."""
-    err = jnp.maximum(
-        tree_rms(tree_sub(rebuilt_y, start)), tree_rms(tree_sub(rebuilt_z, start))
-    )
-    scale = tree_rms(output)
-    return err / jnp.maximum(scale, jnp.finfo(scale.dtype).tiny)
 
 
 _DRIFTED = (
@@ -309,18 +310,18 @@ def _reversible_solve_bwd(
     max_steps, unroll = loop
     final_state, num_steps = residuals
     fn, true_z0, args = fn_z0_args
-    output = solver.precision.decode(final_state.z)
+    final_pair = solver.final_pair(final_state)
     cotangent = jtu.tree_map(
         lambda g, x: jnp.zeros_like(x) if g is None else g,
         grad_obj.value,
-        output,
+        solver.decode(final_pair.z),
         is_leaf=lambda g: g is None,
     )
-    y0, z0, z0_grad, (fn_grad, args_grad) = reverse_pass(
+    rebuilt, z0_grad, (fn_grad, args_grad) = reverse_pass(
         fn,
         args,
         solver,
-        final_state,
+        final_pair,
         num_steps,
         cotangent,
         true_z0,
@@ -328,33 +329,33 @@ def _reversible_solve_bwd(
         unroll=unroll,
     )
     grads = (fn_grad, z0_grad, args_grad)
-    status = solver.precision.status((final_state.y, final_state.z))
-    lost = status != RESULTS.successful
-    drifted = drift(y0, z0, final_state.start, output) > tolerance
+    lost = solver.representation_status(final_state) != RESULTS.successful
+    # Written so that a NaN drift counts as drifted.
+    drifted = ~(solver.reconstruction_drift(final_state, rebuilt) <= tolerance)
     message = _DRIFTED_EXACT if solver.bit_exact else _DRIFTED_FLOAT
     return report_failure(grads, [(lost, _LOST), (drifted, message)], throw)
 
 
 def reconstruction_error(
-    fn,
-    z0,
-    args,
+    fn: Fn,
+    z0: Y,
+    args: Args,
     *,
     solver: Reversible,
     max_steps: int,
     unroll: bool | None = None,
-):
+) -> Float[Array, ""]:
     """Run a reversible solve forward and backward, and measure the reconstruction.
 
     `unroll` is as in [`revdeq.solve`][].
 
     **Returns:** the relative drift `rms(rebuilt z₀ − z₀) / rms(output)` that
     [`revdeq.ReversibleAdjoint`][] certifies: exactly 0 with
-    [`revdeq.ExactState`][] when `fn` gives the same bits in both passes, and growing
-    like `|1 − β|^(−steps)` times the state's rounding with
-    [`revdeq.FloatState`][] (or times the difference, when `fn` does not). Call it
-    under `jax.jit`, batched like the training step: XLA compiles `fn` differently
-    in different programs.
+    [`revdeq.ExactState`][] whenever `fn`'s evaluations in the two passes agree
+    within its guard radius, and growing like `|1 − β|^(−steps)` times the state's
+    rounding with [`revdeq.FloatState`][] (or times the difference, when `fn` does
+    not reproduce itself). XLA compiles `fn` differently in different programs, so
+    measure it as the training step runs: under `jax.jit`, batched alike.
 
     !!! Example
 
@@ -374,8 +375,9 @@ def reconstruction_error(
     loop = dict(max_steps=max_steps, unroll=resolve_unroll(unroll, solver, max_steps))
     fn = eqx.filter_closure_convert(fn, z0, args)
     out = iterate(fn, solver, z0, args, **loop)
+    final_pair = solver.final_pair(out.state)
     zero = jtu.tree_map(jnp.zeros_like, out.value)
-    y0, z0_rebuilt, _, _ = reverse_pass(
-        fn, args, solver, out.state, out.num_steps, zero, z0, **loop
+    rebuilt, _, _ = reverse_pass(
+        fn, args, solver, final_pair, out.num_steps, zero, z0, **loop
     )
-    return drift(y0, z0_rebuilt, out.state.start, out.value)
+    return solver.reconstruction_drift(out.state, rebuilt)

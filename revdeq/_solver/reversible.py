@@ -2,17 +2,25 @@ from collections.abc import Callable
 
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, Int, PyTree, Scalar
+from jaxtyping import Array, Float, Int, PyTree, Scalar
 
-from .._precision import AbstractPrecision, ExactState
+from .._precision.base import AbstractPrecision
+from .._precision.exact_state import ExactState
 from .._solution import RESULTS
-from .._tree import tree_dtype, tree_max_abs
+from .._tree import tree_dtype, tree_max_abs, tree_rms, tree_sub
 from .base import AbstractSolver, ConvergenceState, check_tolerances, no_progress
 
 
-class _ReversibleState(eqx.Module):
+class ReversiblePair(eqx.Module):
+    """The two states `(y, z)` of the reversible iteration, in the representation
+    of the solver's precision."""
+
     y: PyTree
     z: PyTree
+
+
+class _ReversibleState(eqx.Module):
+    pair: ReversiblePair
     fz: PyTree
     # The encoded z₀, against which the certificate checks the rebuilt one.
     start: PyTree
@@ -109,33 +117,87 @@ class Reversible(AbstractSolver):
         # too. The certificate compares against the encoded z₀.
         start = self.precision.decode(state)
         progress = self.progress(fz0, y, no_progress(tree_dtype(y)), 1)
-        return _ReversibleState(state, state, fz0, start, jnp.array(0), progress)
+        pair = ReversiblePair(state, state)
+        return _ReversibleState(pair, fz0, start, jnp.array(0), progress)
 
     def step(self, fn, y, args, options, state, tags):
         del y, options, tags
         beta, step = self.relaxation, state.num_steps
-        ys = self.precision.forward(state.y, state.fz, beta, step)
+        ys = self.precision.forward(state.pair.y, state.fz, beta, step)
         fy, _ = fn(self.precision.decode(ys), args)
-        zs = self.precision.forward(state.z, fy, beta, step)
+        zs = self.precision.forward(state.pair.z, fy, beta, step)
         z = self.precision.decode(zs)
         fz, aux = fn(z, args)
         progress = self.progress(fz, z, state.progress, 2)
-        new_state = _ReversibleState(ys, zs, fz, state.start, step + 1, progress)
-        return z, new_state, aux
+        pair = ReversiblePair(ys, zs)
+        return z, _ReversibleState(pair, fz, state.start, step + 1, progress), aux
 
-    def segment_length(self, max_steps):
+    # The inverse of `step`, half by half, for a backward pass that evaluates `f`
+    # itself (in VJPs): first `undo_z` with `f` at `pair.y`, then `undo_y` with `f`
+    # at the rebuilt `pair.z` (at the true z₀ when undoing step 0).
+
+    def undo_z(
+        self, pair: ReversiblePair, fy: PyTree, step: Int[Array, ""] | int
+    ) -> ReversiblePair:
+        """Undo `z ← (1 − β)·z + β·f(y)` of forward step `step`, given
+        `fy = f(decode(pair.y))`."""
+        z = self.precision.reverse(pair.z, fy, self.relaxation, step)
+        return ReversiblePair(pair.y, z)
+
+    def undo_y(
+        self, pair: ReversiblePair, fz: PyTree, step: Int[Array, ""] | int
+    ) -> ReversiblePair:
+        """Undo `y ← (1 − β)·y + β·f(z)` of forward step `step`, given
+        `fz = f(decode(pair.z))` at the `z` that `undo_z` rebuilt."""
+        y = self.precision.reverse(pair.y, fz, self.relaxation, step)
+        return ReversiblePair(y, pair.z)
+
+    def decode(self, states: PyTree) -> PyTree:
+        """The value `f` sees of one state of a pair, such as `pair.y`."""
+        return self.precision.decode(states)
+
+    def final_pair(self, state: _ReversibleState) -> ReversiblePair:
+        """The pair a finished solve ends on, from which a backward pass starts."""
+        return state.pair
+
+    def reconstruction_drift(
+        self, state: _ReversibleState, rebuilt: ReversiblePair
+    ) -> Float[Array, ""]:
+        """The certificate: the relative drift `rms(rebuilt − z₀) / rms(output)` of
+        the pair a backward pass rebuilt, against the encoded z₀ of `state`, the
+        final state of the solve."""
+        output = self.decode(state.pair.z)
+        err = jnp.maximum(
+            tree_rms(tree_sub(self.decode(rebuilt.y), state.start)),
+            tree_rms(tree_sub(self.decode(rebuilt.z), state.start)),
+        )
+        scale = tree_rms(output)
+        return err / jnp.maximum(scale, jnp.finfo(scale.dtype).tiny)
+
+    def representation_status(self, state: _ReversibleState) -> RESULTS:
+        """Whether the precision held the states of the solve faithfully."""
+        return self.precision.status((state.pair.y, state.pair.z))
+
+    def segment_length(self, max_steps: int) -> int:
         return self.precision.segment_length(self.relaxation, max_steps)
 
-    def archive(self, state):
-        return self.precision.archive(state.y), self.precision.archive(state.z)
+    def archive(self, state: _ReversibleState) -> tuple[PyTree, PyTree]:
+        return self.precision.archive(state.pair.y), self.precision.archive(
+            state.pair.z
+        )
 
-    def finish(self, state, archived, result):
+    def finish(
+        self,
+        state: _ReversibleState,
+        archived: tuple[PyTree, PyTree] | None,
+        result: RESULTS,
+    ) -> tuple[_ReversibleState, RESULTS]:
         if archived is not None:
-            y = self.precision.restore(state.y, archived[0])
-            z = self.precision.restore(state.z, archived[1])
-            state = eqx.tree_at(lambda s: (s.y, s.z), state, (y, z))
+            y = self.precision.restore(state.pair.y, archived[0])
+            z = self.precision.restore(state.pair.z, archived[1])
+            state = eqx.tree_at(lambda s: s.pair, state, ReversiblePair(y, z))
         # Checked once: a lost state stays lost until the loop ends. A loop that
         # stopped on a non-finite residual has already named the likelier cause.
-        status = self.precision.status((state.y, state.z))
+        status = self.representation_status(state)
         keep = (status == RESULTS.successful) | (result == RESULTS.nonfinite_value)
         return state, RESULTS.where(keep, result, status)

@@ -7,7 +7,7 @@ import jax.tree_util as jtu
 from jaxtyping import Array, DTypeLike, Float, PyTree
 
 from .._adjoint.base import AbstractAdjoint
-from .._precision import cast_exactly
+from .._cast import cast_exactly
 from .._solve import solve
 from .._solver.base import AbstractSolver
 

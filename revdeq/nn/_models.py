@@ -15,7 +15,8 @@ from jaxtyping import Array, DTypeLike, Float, Int, PRNGKeyArray
 
 from .._adjoint.base import AbstractAdjoint
 from .._adjoint.reversible import ReversibleAdjoint
-from .._precision import ExactState, FloatState
+from .._precision.exact_state import ExactState
+from .._precision.float_state import FloatState
 from .._solver.anderson import Anderson
 from .._solver.base import AbstractSolver
 from .._solver.broyden import Broyden

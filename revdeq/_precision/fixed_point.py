@@ -1,0 +1,115 @@
+"""Fixed-point arithmetic: the integer formats of [`revdeq.ExactState`][], exact
+scalings by powers of two, the rational form of `1 − β`, and the injection of `β·f`
+with the guard bits that make its reversal tolerant."""
+
+from fractions import Fraction
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Int
+
+from .._cast import cast_exactly, round_to
+
+
+# `c ≈ ±n/d` with `n · d` at most this: exact for the usual `β`, and at least two
+# updates fit in each buffer word.
+_MAX_RATIONAL = 1 << 15
+
+
+def rational(c: float) -> tuple[int, int, int]:
+    """`c ≈ sign · n / d`: the best rational with `n · d ≤ 2**15`. Exact for the usual
+    `β` (0.5, 0.8, 0.9, 1.2, ...)."""
+    limit = _MAX_RATIONAL
+    while True:
+        frac = Fraction(abs(c)).limit_denominator(limit)
+        if frac.numerator * frac.denominator <= _MAX_RATIONAL:
+            return (1 if c > 0 else -1), frac.numerator, frac.denominator
+        limit //= 2
+
+
+def fixed_point_format(dtype: jnp.dtype) -> tuple[jnp.dtype, jnp.dtype, int]:
+    """The integer dtype, the float dtype it is scaled in, and the magnitude bits.
+
+    Magnitudes stay below `2**bits`, so sums of two never overflow. float64 states
+    (under x64) get int64, and so a resolution finer than float64's own.
+    """
+    if jnp.dtype(dtype).itemsize == 8:
+        return jnp.dtype(jnp.int64), jnp.dtype(jnp.float64), 61
+    return jnp.dtype(jnp.int32), jnp.dtype(jnp.float32), 30
+
+
+def floor_divmod(ints: Array, divisor: int, bits: int) -> tuple[Array, Array]:
+    """`(ints // divisor, ints % divisor)` for `|ints| < 2^bits`.
+
+    A power of two takes an arithmetic shift and a mask. Other divisors go through
+    unsigned division: shifted up by a multiple of `divisor`, the dividend is never
+    negative, so there are no sign corrections to make."""
+    if divisor & (divisor - 1) == 0:  # 1, 2, 4, ...
+        return ints >> (divisor.bit_length() - 1), ints & (divisor - 1)
+    unsigned = jnp.uint64 if ints.dtype == jnp.int64 else jnp.uint32
+    shift = -(-(2**bits) // divisor)
+    u = ints.astype(unsigned) + unsigned(shift * divisor)  # wraps into [0, 2^(bits+2))
+    quotient = (u // unsigned(divisor)).astype(ints.dtype) - shift
+    return quotient, (u % unsigned(divisor)).astype(ints.dtype)
+
+
+def times_pow2(x: Array, exponent: Int[Array, "..."]) -> Array:
+    """`x · 2^exponent` for `|exponent|` up to `2 · (maxexp − 2)` of `x`'s float:
+    two exact scalings by normal powers of two, built from their bits (`exp2` may
+    round), exact barring a result that under- or overflows."""
+    finfo = jnp.finfo(x.dtype)
+    int_dtype = jnp.int64 if finfo.bits == 64 else jnp.int32
+    half = exponent // 2
+    for part in (half, exponent - half):
+        biased = (part.astype(int_dtype) + (finfo.maxexp - 1)) << finfo.nmant
+        x = x * jax.lax.bitcast_convert_type(biased, x.dtype)
+    return x
+
+
+def scale(x: Array, exponent: Int[Array, "..."]) -> Array:
+    """`x · 2^exponent` in the float dtype of `x`'s fixed-point format."""
+    _, float_dtype, _ = fixed_point_format(x.dtype)
+    return times_pow2(x.astype(float_dtype), exponent)
+
+
+def unscale(ints: Array, exponent: Int[Array, "..."], dtype: jnp.dtype) -> Array:
+    """`ints · 2^−exponent`, in `dtype`."""
+    float_dtype = jnp.float64 if ints.dtype == jnp.int64 else jnp.float32
+    return cast_exactly(times_pow2(ints.astype(float_dtype), -exponent), dtype)
+
+
+def injection(
+    f: Array, beta: float, exponent: Int[Array, "..."]
+) -> tuple[Array, Bool[Array, "..."]]:
+    """`β·f·2^e` truncated to an integer, the same whenever `f` has the same bits,
+    and whether it fits.
+
+    An injection below `(1 − |c|)·2^(bits − 1)` keeps `|c·Y + injection|` below
+    `2^bits` whenever `|Y|` is, so the state never leaves its range unnoticed.
+    """
+    int_dtype, float_dtype, bits = fixed_point_format(f.dtype)
+    # One rounding, of β·f to the dtype of f as the float iteration would; the
+    # scaling by 2^e is exact. Both roundings hold under XLA's excess precision
+    # (see `cast_exactly`).
+    wide = cast_exactly(jax.lax.stop_gradient(f), float_dtype)
+    beta_f = round_to(beta * wide, f.dtype)
+    scaled = times_pow2(beta_f, exponent)
+    fits = jnp.abs(scaled) < (1 - abs(1 - beta)) * 2.0 ** (bits - 1)
+    return scaled.astype(int_dtype), fits
+
+
+def guard(ints: Array, guard_bits: int) -> Array:
+    """The low `guard_bits` bits of `ints` (two's complement), as the digit that
+    lets `snap` recover `ints` from an estimate."""
+    return ints & ((1 << guard_bits) - 1)
+
+
+def snap(estimate: Array, low_bits: Array, guard_bits: int) -> Array:
+    """The integer whose `guard` is `low_bits` nearest to `estimate`: the true value
+    whenever it lies within `2^(guard_bits − 1)` of the estimate (strictly)."""
+    if guard_bits == 0:
+        return estimate
+    size = 1 << guard_bits
+    low_bits = low_bits.astype(estimate.dtype)
+    offset = (low_bits - estimate) & (size - 1)  # in [0, 2^k)
+    return estimate + jnp.where(offset >= size // 2, offset - size, offset)

@@ -50,19 +50,14 @@ def resolve_unroll(unroll: bool | None, solver: AbstractSolver, max_steps: int) 
     """Whether the loop of a solve runs as straight-line code.
 
     XLA:CPU compiles a convolution inside a loop body far less well than the same
-    convolution in straight-line code (jax-ml/jax#12868), so a loop with a fixed,
-    small number of steps is unrolled: `unroll=None` means `rtol = atol = 0` and
-    `max_steps <= UNROLL_MAX_STEPS`, unless the solver keeps a bit-exact state
-    (the default [`revdeq.ExactState`][]): in straight-line code XLA may fuse, and
-    so round, `f` differently in the forward pass and in the backward pass, and
-    the reconstruction would drift (1e-5 on a `ConvCell`). An unrolled loop
-    evaluates every step, holding the state still once the solve terminates, so
-    a solve that can stop early computes all `max_steps` steps.
+    convolution in straight-line code (jax-ml/jax#12868), so `unroll=None` unrolls
+    a fixed-step solve (`rtol = atol = 0`) of at most `UNROLL_MAX_STEPS` steps. An
+    unrolled loop evaluates every step, holding the state still once the solve
+    terminates, so a solve that can stop early computes all `max_steps` steps.
     """
     _check_max_steps(max_steps)
     if unroll is None:
-        small = solver.fixed_steps and max_steps <= UNROLL_MAX_STEPS
-        return small and not solver.bit_exact
+        return solver.fixed_steps and max_steps <= UNROLL_MAX_STEPS
     if not isinstance(unroll, bool):
         raise ValueError(f"`unroll` must be True, False or None, got {unroll!r}.")
     return unroll

@@ -66,13 +66,28 @@ def test_exact_state_reconstructs_bit_for_bit(getkey, beta):
     assert drift == 0
 
 
+def _steps_per_word(beta: float) -> int:
+    return revdeq.ExactState().segment_length(beta, max_steps=10**6)
+
+
 @pytest.mark.parametrize(
-    "beta, steps",
-    # A buffer word holds 9 steps at beta = 0.9 and 13 at 0.8: end inside a word,
-    # on its last step, and on the first step of the next.
-    [(0.9, 1), (0.9, 8), (0.9, 9), (0.9, 10), (0.9, 27), (0.8, 13), (0.8, 14)],
+    "beta, word_offset",
+    # End on the first step, inside a word, on its last step, on the first step of
+    # the next, and after three words.
+    [
+        (0.9, (0, 1)),
+        (0.9, (1, -2)),
+        (0.9, (1, 0)),
+        (0.9, (1, 1)),
+        (0.9, (3, 0)),
+        (0.8, (1, 0)),
+        (0.8, (1, 1)),
+        (0.5, (2, 1)),
+    ],
 )
-def test_exact_state_reconstructs_across_buffer_words(getkey, beta, steps):
+def test_exact_state_reconstructs_across_buffer_words(getkey, beta, word_offset):
+    words, offset = word_offset
+    steps = words * _steps_per_word(beta) + offset
     cell, z0s, xs = float32_problem(getkey())
     solver = revdeq.Reversible(beta=beta, rtol=0, atol=0)
     drift = revdeq.reconstruction_error(
@@ -87,8 +102,8 @@ def test_batched_samples_stopping_at_different_steps(getkey):
     # own steps only.
     cell, z0s, xs = float32_problem(getkey(), batch=6)
     xs = xs * jnp.array([0.1, 0.5, 1.0, 2.0, 4.0, 8.0], jnp.float32)[:, None]
-    solver = revdeq.Reversible(beta=0.9, rtol=1e-5, atol=0)  # 9 steps a word
-    max_steps = 60
+    solver = revdeq.Reversible(beta=0.9, rtol=1e-5, atol=0)
+    max_steps = 60  # many buffer words
 
     sols = jax.vmap(
         lambda z0, x: revdeq.solve(cell, z0, x, solver=solver, max_steps=max_steps)
@@ -118,13 +133,13 @@ def _tanh_off_when_differentiated(a, offset):
 def _tanh_off_jvp(offset, primals, tangents):
     (a,), (a_dot,) = primals, tangents
     out = jnp.tanh(a)
-    return out * (1 + offset), (1 - out**2) * a_dot
+    return out + offset, (1 - out**2) * a_dot
 
 
 class _IrreproducibleCell(eqx.Module):
-    """A `TanhCell` whose VJPs see `tanh · (1 + offset)` and whose plain calls see
-    `tanh`: the backward pass evaluates another function than the forward pass, as
-    when XLA compiles `f` differently in the two (see docs/concepts/precision.md)."""
+    """A `TanhCell` whose VJPs see `tanh + offset` and whose plain calls see `tanh`:
+    the backward pass evaluates another function than the forward pass, as when XLA
+    compiles `f` differently in the two (see docs/concepts/precision.md)."""
 
     inner: TanhCell
     offset: float = eqx.field(static=True)
@@ -134,34 +149,53 @@ class _IrreproducibleCell(eqx.Module):
         return _tanh_off_when_differentiated(pre, self.offset)
 
 
-@pytest.mark.parametrize(
-    ("offset", "steps", "raises"), [(1e-7, 4, False), (1e-5, 8, True)]
-)
-def test_a_cell_the_backward_pass_evaluates_differently_is_caught(
-    getkey, offset, steps, raises
-):
-    # `ExactState` is exact only when `f` gives the same bits in both passes. When it
-    # does not, nothing hides the difference: the drift measures it, amplified by
-    # each reversed step; one below the certificate's tolerance (sqrt(eps) ≈ 3e-4)
-    # costs a gradient error of its own size, and one above raises.
-    inner, z0s, xs = float32_problem(getkey())
-    cell = _IrreproducibleCell(inner, offset)
-    solver = revdeq.Reversible(beta=0.5, rtol=0, atol=0)
-    drift = float(
-        revdeq.reconstruction_error(cell, z0s[0], xs[0], solver=solver, max_steps=steps)
+def _quantum(cell, z0, x, beta, headroom_bits=6):
+    """`ExactState`'s resolution `2^−e` on this float32 problem, from its documented
+    rule: `e = 29 − headroom_bits − ceil(log2 max(|z0|, bound·|f(z0)|))`."""
+    bound = max(1.0, beta / (1 - abs(1 - beta)))
+    magnitude = max(
+        float(jnp.max(jnp.abs(z0))), bound * float(jnp.max(jnp.abs(cell(z0, x))))
     )
-    tolerance = np.sqrt(np.finfo(np.float32).eps)  # the certificate's default
-    assert drift > offset and (drift > tolerance) == raises
+    return 2.0 ** -(29 - headroom_bits - np.ceil(np.log2(magnitude)))
 
-    def grad():
-        return solve_grad(cell, z0s, xs, solver=solver, max_steps=steps)
 
-    if raises:
-        with pytest.raises(Exception, match="drifted.*other bits in the backward"):
-            jax.block_until_ready(grad())
-    else:
-        truth = float64_loop_grad(inner, z0s, xs, beta=0.5, steps=steps)
-        assert relative_error(grad().inner, truth) <= 10 * drift + 1e-5
+@pytest.mark.parametrize(
+    ("guard_bits", "quanta", "exact"),
+    # Within the radius `2^(k − 1)` (truncation adds up to one quantum), beyond it,
+    # and the control without guard bits.
+    [(4, 6, True), (4, 12, False), (8, 100, True), (0, 2, False)],
+)
+@pytest.mark.parametrize("beta", [0.5, 0.8])
+def test_reversal_is_exact_within_the_guard_radius(
+    getkey, guard_bits, quanta, exact, beta
+):
+    inner, z0s, xs = float32_problem(getkey())
+    offset = float(quanta * _quantum(inner, z0s[0], xs[0], beta) / beta)
+    cell = _IrreproducibleCell(inner, offset)
+    precision = revdeq.ExactState(guard_bits=guard_bits)
+    solver = revdeq.Reversible(beta=beta, rtol=0, atol=0, precision=precision)
+    steps = 12
+    drift = revdeq.reconstruction_error(
+        cell, z0s[0], xs[0], solver=solver, max_steps=steps
+    )
+    assert (drift == 0) == exact
+    if exact:
+        # Exact up to the VJPs' own offset in the cotangents, far below 1e-5.
+        got = solve_grad(cell, z0s, xs, solver=solver, max_steps=steps)
+        truth = float64_loop_grad(inner, z0s, xs, beta=beta, steps=steps)
+        assert relative_error(got.inner, truth) <= 1e-5
+
+
+def test_a_disagreement_beyond_the_radius_is_caught(getkey):
+    # Far beyond the radius the rebuilt states drift past the certificate's
+    # tolerance (sqrt(eps) ≈ 3e-4), and the gradient raises rather than being wrong.
+    inner, z0s, xs = float32_problem(getkey())
+    cell = _IrreproducibleCell(inner, 1e-3)
+    solver = revdeq.Reversible(beta=0.5, rtol=0, atol=0)
+    drift = revdeq.reconstruction_error(cell, z0s[0], xs[0], solver=solver, max_steps=8)
+    assert drift > np.sqrt(np.finfo(np.float32).eps)
+    with pytest.raises(Exception, match="drifted.*other bits in the backward"):
+        jax.block_until_ready(solve_grad(cell, z0s, xs, solver=solver, max_steps=8))
 
 
 def test_float32_state_drifts_where_exact_state_does_not(getkey):

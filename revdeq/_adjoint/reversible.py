@@ -332,7 +332,7 @@ def _reversible_solve_bwd(
     lost = solver.representation_status(final_state) != RESULTS.successful
     # Written so that a NaN drift counts as drifted.
     drifted = ~(solver.reconstruction_drift(final_state, rebuilt) <= tolerance)
-    message = _DRIFTED_EXACT if solver.bit_exact else _DRIFTED_FLOAT
+    message = _DRIFTED_EXACT if solver.precision.bit_exact else _DRIFTED_FLOAT
     return report_failure(grads, [(lost, _LOST), (drifted, message)], throw)
 
 

@@ -72,12 +72,6 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
         barring failure: the step budget is then the whole plan."""
         return self.rtol == 0 and self.atol == 0
 
-    @property
-    def bit_exact(self) -> bool:
-        """Whether the solver keeps a state that a reverse pass must rebuild bit for
-        bit, which rules out unrolling by default (see `revdeq.solve`'s `unroll`)."""
-        return False
-
     def progress(
         self, fz, z, previous: ConvergenceState, new_evals
     ) -> ConvergenceState:

@@ -97,10 +97,6 @@ class Reversible(AbstractSolver):
             )
 
     @property
-    def bit_exact(self) -> bool:
-        return self.precision.bit_exact
-
-    @property
     def relaxation(self) -> float:
         """The `β` the iteration uses: `beta` itself, unless the precision can only
         reverse a nearby value exactly (see [`revdeq.ExactState`][])."""

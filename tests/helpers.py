@@ -2,6 +2,7 @@
 
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -176,3 +177,51 @@ def float64_loop_grad(cell, z0s, xs, *, beta, steps):
         as64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (cell, z0s, xs))
         loop = functools.partial(plain_reversible_loop, beta=beta, steps=steps)
         return jax.tree.map(np.asarray, batch_grad(loop, *as64))
+
+
+class AffineCell(eqx.Module):
+    """`tanh(w ⊙ z + 0.37·x)` with non-power-of-two `w`: a multiply-add that XLA
+    fuses into one FMA in some programs and not in others."""
+
+    weight: jax.Array
+
+    def __call__(self, z, x):
+        return jnp.tanh(self.weight * z + 0.37 * x)
+
+
+class GroupNormCell(eqx.Module):
+    """Group norms alone, 2 channels per group: `N₂(relu(N₁(z) + x))`. Batched, XLA
+    reduces them in different orders in different programs."""
+
+    norm1: eqx.nn.GroupNorm
+    norm2: eqx.nn.GroupNorm
+
+    def __call__(self, z, x):
+        return self.norm2(jax.nn.relu(self.norm1(z) + x))
+
+
+def compiler_sensitive_cells(key) -> dict[str, tuple[eqx.Module, tuple[int, ...]]]:
+    """`name -> (cell, per-sample state shape)`: every cell of `revdeq.nn`, and cells
+    that XLA:CPU evaluates differently in the forward and backward passes
+    (docs/concepts/precision.md, "What exactness assumes")."""
+    k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+    return {
+        "conv-2-per-group": (revdeq.nn.ConvCell(8, 8, groups=4, key=k1), (8, 8, 8)),
+        "conv-4-per-group": (revdeq.nn.ConvCell(16, 32, groups=4, key=k2), (16, 8, 8)),
+        "affine": (AffineCell(0.3 + 0.6 * jax.random.uniform(k3, (64,))), (64,)),
+        "group-norms": (
+            GroupNormCell(eqx.nn.GroupNorm(4, 8), eqx.nn.GroupNorm(4, 8)),
+            (8, 8, 8),
+        ),
+        "transformer": (
+            revdeq.nn.TransformerCell(dim=16, num_heads=2, mlp_ratio=2, key=k4),
+            (8, 16),
+        ),
+        "mlp": (revdeq.nn.MLPCell(dim=32, hidden=64, key=k5), (32,)),
+    }
+
+
+def residual_headroom_bits(steps: int) -> int:
+    """`ExactState`'s headroom for a residual cell `z + g(z)`, which grows with the
+    steps: `DEQLanguageModel`'s rule."""
+    return 6 + max(0, math.ceil(math.log2(steps)) - 2)

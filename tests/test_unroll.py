@@ -171,8 +171,8 @@ def _has_loop(fn, *args) -> bool:
         (FLOAT, 4, None, False),
         (FLOAT, 5, None, True),
         (revdeq.Reversible(), 4, None, True),  # tolerances: the loop can stop early
-        (revdeq.Reversible(**FIXED), 4, None, True),  # bit-exact: not by default
-        (revdeq.Reversible(**FIXED), 4, True, False),
+        (revdeq.Reversible(**FIXED), 4, None, False),  # ExactState too
+        (revdeq.Reversible(**FIXED), 5, None, True),
         (FLOAT, 4, False, True),
         (revdeq.Anderson(**FIXED), 4, None, False),
     ],

@@ -2,7 +2,7 @@
 quanta of `ExactState`'s injection, measured as the guard bits a bit-exact
 reconstruction needs.
 
-Run: `python benchmarks/guard_bits.py [--quick]` (about ten minutes on 2 CPU cores).
+Run: `python benchmarks/guard_bits.py [--quick]` (about half an hour on 2 CPU cores; `--cells` picks some).
 For each cell, path (the `lax.while_loop` and straight-line code), `beta` and number
 of steps, a batch of 16 samples is solved and reversed under `jit` and `vmap`, as a
 training step runs, with `ExactState(guard_bits=k)` for k = 0, 1, 2, ... The
@@ -14,7 +14,8 @@ distribution of k over all solves.
 
 import argparse
 import collections
-import math
+import pathlib
+import sys
 
 import equinox as eqx
 import jax
@@ -25,68 +26,28 @@ from _common import markdown_table
 import revdeq
 
 
+# The cells and the headroom rule are the tests' (`tests/helpers.py`).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from tests.helpers import (  # noqa: E402
+    compiler_sensitive_cells,
+    residual_headroom_bits,
+)
+
+
 BATCH = 16
 MAX_GUARD_BITS = 12
 
 
-class AffineCell(eqx.Module):
-    """`tanh(w ⊙ z + 0.37·x)` with non-power-of-two `w`: a multiply-add that XLA
-    fuses into one FMA in some programs and not in others."""
-
-    weight: jax.Array
-
-    def __call__(self, z, x):
-        return jnp.tanh(self.weight * z + 0.37 * x)
-
-
-class GroupNormCell(eqx.Module):
-    """Group norms alone, 2 channels per group: `N₂(relu(N₁(z) + x))`."""
-
-    norm1: eqx.nn.GroupNorm
-    norm2: eqx.nn.GroupNorm
-
-    def __call__(self, z, x):
-        return self.norm2(jax.nn.relu(self.norm1(z) + x))
-
-
-def _cells(key):
-    """`name -> (cell, per-sample shape, headroom bits at 12 steps)`."""
-    k1, k2, k3, k4, k5 = jr.split(key, 5)
-    transformer = revdeq.nn.TransformerCell(dim=16, num_heads=2, mlp_ratio=2, key=k4)
-    return {
-        "ConvCell, 8 channels, 2 per group": (
-            revdeq.nn.ConvCell(8, 8, groups=4, key=k1),
-            (8, 8, 8),
-        ),
-        "ConvCell, 16 channels, 4 per group": (
-            revdeq.nn.ConvCell(16, 32, groups=4, key=k2),
-            (16, 8, 8),
-        ),
-        "affine tanh(w·z + 0.37·x)": (
-            AffineCell(0.3 + 0.6 * jr.uniform(k3, (64,))),
-            (64,),
-        ),
-        "group norms only": (
-            GroupNormCell(eqx.nn.GroupNorm(4, 8), eqx.nn.GroupNorm(4, 8)),
-            (8, 8, 8),
-        ),
-        "TransformerCell, dim 16": (transformer, (8, 16)),
-        "MLPCell": (revdeq.nn.MLPCell(dim=32, hidden=64, key=k5), (32,)),
-    }
-
-
 def _headroom(name, steps):
-    # A residual cell grows with the steps: give it `DEQLanguageModel`'s headroom.
-    if name.startswith("Transformer"):
-        return 6 + max(0, math.ceil(math.log2(steps)) - 2)
-    return 6
+    # A residual cell grows with the steps.
+    return residual_headroom_bits(steps) if name == "transformer" else 6
 
 
 def _drift(cell, z0s, xs, *, beta, steps, unroll, headroom, guard_bits):
     precision = revdeq.ExactState(headroom_bits=headroom, guard_bits=guard_bits)
     solver = revdeq.Reversible(beta=beta, rtol=0, atol=0, precision=precision)
 
-    @jax.jit
+    @eqx.filter_jit
     def batched(cell, z0s, xs):
         def one(z0, x):
             return revdeq.reconstruction_error(
@@ -115,10 +76,13 @@ def _radius(k: int | None) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 and 4 steps only")
+    parser.add_argument("--cells", nargs="*", help="only these cells (default: all)")
     cli = parser.parse_args()
     steps_list = (2, 4) if cli.quick else (2, 4, 12)
     rows, counts = [], collections.Counter()
-    for name, (cell, shape) in _cells(jr.key(0)).items():
+    for name, (cell, shape) in compiler_sensitive_cells(jr.key(0)).items():
+        if cli.cells and name not in cli.cells:
+            continue
         xs = jr.normal(jr.key(1), (BATCH, *shape))
         z0s = jnp.zeros_like(xs)
         for unroll in (False, True):

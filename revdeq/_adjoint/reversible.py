@@ -30,10 +30,10 @@ class ReversibleAdjoint(AbstractAdjoint):
     compares it with the true one. The relative drift `rms(rebuilt − true) /
     rms(output)` above `drift_tolerance` means the gradient is not exact: it raises
     under `throw=True` and warns otherwise. With the default
-    [`revdeq.ExactState`][] precision the drift is exactly zero whenever `fn` gives
-    the same bits in both passes, which XLA does not promise (see "What exactness
-    assumes" in the precision guide); a forward state that left the precision's
-    range is reported the same way.
+    [`revdeq.ExactState`][] precision the drift is exactly zero whenever `fn`'s
+    evaluations in the two passes agree within its guard radius, whatever XLA
+    makes of them (see "What exactness assumes" in the precision guide); a forward
+    state that left the precision's range is reported the same way.
 
     **Arguments:**
 
@@ -197,7 +197,8 @@ def _reverse_loop(
     carry = _ReverseCarry(final_pair, ybar, cotangent, grads)
     if unroll:
         for step in range(max_steps - 1, 0, -1):
-            carry = undo(step, carry, step < num_steps)
+            # One carry per step, as in the loop (see `iterate`).
+            carry = jax.lax.optimization_barrier(undo(step, carry, step < num_steps))
     else:
 
         def body(k_carry):
@@ -274,9 +275,10 @@ _DRIFTED_FLOAT = _DRIFTED + (
     "further from 1 (or raise `drift_tolerance` knowingly)."
 )
 _DRIFTED_EXACT = _DRIFTED + (
-    "The cell gave other bits in the backward pass than in the forward pass (XLA "
-    "may compile it differently in the two; see 'What exactness assumes' in the "
-    "precision guide), and each reversed step amplifies the difference: use fewer "
+    "The cell gave other bits in the backward pass than in the forward pass, by more "
+    "than `ExactState`'s guard radius (XLA may compile it differently in the two; "
+    "see 'What exactness assumes' in the precision guide), and each reversed step "
+    "amplifies the difference: raise `ExactState(guard_bits=...)`, or use fewer "
     "steps or a `beta` further from 1 (or raise `drift_tolerance` knowingly)."
 )
 

@@ -205,6 +205,7 @@ class ExactState(AbstractPrecision):
         radices = self._radices(beta)
 
         def leaf(s: _ExactLeaf, f: Array) -> _ExactLeaf:
+            s, f = _materialise(s, f)
             _, _, bits = fixed_point_format(s.ints.dtype)
             quotient, digit = floor_divmod(s.ints, d, bits)
             buffer = s.buffer.begin(radices, step).push(digit, d)
@@ -235,6 +236,7 @@ class ExactState(AbstractPrecision):
         radices = self._radices(beta)
 
         def leaf(s: _ExactLeaf, f: Array) -> _ExactLeaf:
+            s, f = _materialise(s, f)
             _, _, bits = fixed_point_format(s.ints.dtype)
             buffer, low = s.buffer.resume(radices, step).pop(1 << self.guard_bits)
             q = snap(injection(f, beta, s.exponent)[0], low, self.guard_bits)
@@ -280,6 +282,17 @@ def _max_abs(tree, rowwise: bool) -> Float[Array, "*rows"]:
     axes = (lambda x: tuple(range(1, x.ndim))) if rowwise else (lambda x: None)
     maxima = [jnp.max(jnp.abs(x), axis=axes(x)).astype(dtype) for x in leaves]
     return jnp.max(jnp.stack(maxima), axis=0)
+
+
+def _materialise(s: _ExactLeaf, f: Array) -> tuple[_ExactLeaf, Array]:
+    """The inputs of an update, computed once.
+
+    An update has several outputs (the state, the buffer's head), and XLA fuses
+    elementwise producers into each consumer: without this, the cell's last
+    layers and the previous update were evaluated again for every output, which
+    made a conv training step 1.7x plain backprop rather than 1.55x.
+    """
+    return jax.lax.optimization_barrier((s, f))
 
 
 def _is_exact_leaf(x: object) -> bool:

@@ -2,7 +2,8 @@
 quanta of `ExactState`'s injection, measured as the guard bits a bit-exact
 reconstruction needs.
 
-Run: `python benchmarks/guard_bits.py [--quick]` (about half an hour on 2 CPU cores; `--cells` picks some).
+Run: `python benchmarks/guard_bits.py [--quick] [--cells NAME ...]` (about half an hour
+on 2 CPU cores).
 For each cell, path (the `lax.while_loop` and straight-line code), `beta` and number
 of steps, a batch of 16 samples is solved and reversed under `jit` and `vmap`, as a
 training step runs, with `ExactState(guard_bits=k)` for k = 0, 1, 2, ... The

@@ -76,11 +76,12 @@ def _grid(names, steps_loop, steps_unrolled, betas):
     ]
 
 
-# The default run: every cell on the default straight-line path of 4 steps at the
-# paper's vision β, and the longest loops of the cells that drift most without
-# guard bits; the slow set covers β 0.5 and 1.2 from 2 to 16 steps.
-_DEFAULT = _grid(CELLS, [], [4], [0.8]) + _grid(
-    ["conv-2-per-group", "transformer"], [12], [], [0.8]
+# The default run: the default straight-line path of 4 steps, and loops of 12 steps
+# on the cells that drift most there without guard bits (a `TransformerCell` by
+# 209, a `ConvCell` with 2 channels per group by 8e-7), at the paper's vision β;
+# the slow set covers every cell at β 0.5 and 1.2 from 2 to 16 steps.
+_DEFAULT = _grid(["conv-2-per-group"], [], [4], [0.8]) + _grid(
+    ["conv-2-per-group", "affine", "transformer"], [12], [], [0.8]
 )
 
 
@@ -92,22 +93,19 @@ def test_bit_for_bit_whatever_the_compiler_does(name, beta, steps, unroll):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name, beta, steps, unroll", _grid(CELLS, [2, 16], [2], [0.5, 1.2])
+    "name, beta, steps, unroll", _grid(CELLS, [2, 16], [2, 4], [0.5, 1.2])
 )
 def test_bit_for_bit_whatever_the_compiler_does_thorough(name, beta, steps, unroll):
     drift, results = _drift_and_results(name, beta=beta, steps=steps, unroll=unroll)
     _assert_exact_or_reported(drift, results)
 
 
-@pytest.mark.parametrize(
-    "dtype", [jnp.float32, jnp.float64], ids=["x64-float32", "x64-float64"]
-)
-def test_bit_for_bit_with_x64_on(dtype):
-    # x64 off is the default of the tests above. A float64 state gets an int64
-    # format, with quanta as fine relative to its cell's rounding.
+def test_bit_for_bit_with_x64_on():
+    # x64 is off in the tests above. A float64 cell and state get an int64 format,
+    # with quanta as fine relative to the cell's rounding.
     with jax.enable_x64(True):
         drift, results = _drift_and_results(
-            "conv-2-per-group", beta=1.2, steps=4, unroll=True, dtype=dtype
+            "conv-2-per-group", beta=1.2, steps=12, unroll=False, dtype=jnp.float64
         )
         _assert_exact_or_reported(drift, results)
 
@@ -115,7 +113,7 @@ def test_bit_for_bit_with_x64_on(dtype):
 def test_gradient_of_a_cell_the_passes_evaluate_differently(getkey):
     # Exact reversal gives the gradient of the float iteration: the float64 loop's.
     cell, shape = CELLS["conv-2-per-group"]
-    xs = jax.random.normal(getkey(), (4, *shape), jnp.float32)
+    xs = jax.random.normal(getkey(), (2, *shape), jnp.float32)
     z0s = jnp.zeros_like(xs)
     solver = _solver("conv-2-per-group", 0.8, 4)
     got = solve_grad(cell, z0s, xs, solver=solver, max_steps=4)

@@ -1,6 +1,7 @@
 """How far the cell's evaluations in the forward and backward passes disagree, in
-quanta of `ExactState`'s injection, measured as the guard bits a bit-exact
-reconstruction needs.
+steps of the grid of `ExactState`'s injection (the larger of a quantum and a unit in
+the last place of `β·f`), measured as the guard bits a bit-exact reconstruction
+needs.
 
 Run: `python benchmarks/guard_bits.py [--quick] [--cells NAME ...]` (about half an hour
 on 2 CPU cores).
@@ -8,7 +9,7 @@ For each cell, path (the `lax.while_loop` and straight-line code), `beta` and nu
 of steps, a batch of 16 samples is solved and reversed under `jit` and `vmap`, as a
 training step runs, with `ExactState(guard_bits=k)` for k = 0, 1, 2, ... The
 smallest k whose drift is exactly 0 bounds the largest disagreement of an injection
-`β·f·2^e` between the passes: below `2^(k − 1)` quanta, and at least `2^(k − 2)`
+`β·f·2^e` between the passes: below `2^(k − 1)` steps, and at least `2^(k − 2)`
 when k ≥ 2 (k = 0: the passes agree bit for bit). Prints a Markdown table and the
 distribution of k over all solves.
 """
@@ -114,7 +115,9 @@ def main():
         for k, n in sorted(counts.items(), key=lambda kv: (kv[0] is None, kv[0]))
     ]
     print(
-        markdown_table(["guard bits", "disagreement (quanta)", "solves", "share"], dist)
+        markdown_table(
+            ["guard bits", "disagreement (grid steps)", "solves", "share"], dist
+        )
     )
 
 

@@ -7,9 +7,12 @@ the straight-line path."""
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 import pytest
 
 import revdeq
+from revdeq._precision.fixed_point import from_grid_index, grid_index, guard, snap
 
 from .helpers import (
     compiler_sensitive_cells,
@@ -23,6 +26,67 @@ from .helpers import (
 
 BATCH = 8
 CELLS = compiler_sensitive_cells(jax.random.key(0))
+
+
+def _injections(float_dtype, significant_bits: int) -> np.ndarray:
+    """Every value a positive int32 injection can take, in order, enumerated in
+    numpy: each integer below `2^significant_bits`, then each float of
+    `float_dtype` (with that many significant bits) up to `2^30`."""
+    start = 2**significant_bits
+    # The positive finite floats, in order of their bits.
+    infinity = int(np.array(np.inf, float_dtype).view(np.uint16))
+    floats = np.arange(infinity, dtype=np.uint16).view(float_dtype).astype(np.float64)
+    sparse = floats[(floats >= start) & (floats < 2**30)]
+    return np.concatenate([np.arange(start), sparse]).astype(np.int32)
+
+
+@pytest.mark.parametrize(
+    "float_dtype, significant_bits",
+    [(ml_dtypes.bfloat16, 8), (np.float16, 11)],
+    ids=["bfloat16", "float16"],
+)
+def test_grid_index_counts_the_injections(float_dtype, significant_bits):
+    # An injection of a bfloat16 (float16) `f` into a float32 state: its index on
+    # the grid is its rank among the values it can take, so that guard bits measure
+    # a disagreement in units in the last place of `β·f` where it is large.
+    values = _injections(float_dtype, significant_bits)
+    q = jnp.asarray(np.concatenate([-values[::-1], values]))
+    truth = np.concatenate([-np.arange(len(values))[::-1], np.arange(len(values))])
+    index = grid_index(q, significant_bits)
+    np.testing.assert_array_equal(index, truth)
+    np.testing.assert_array_equal(from_grid_index(index, significant_bits), q)
+
+
+def test_grid_index_of_float32_injections_across_binades():
+    # Around each power of two from 2^24 (below which every integer is an
+    # injection) to 2^29: float32 neighbours by `nextafter`.
+    q = []
+    for power in range(24, 30):
+        up = [np.float32(2.0**power)]
+        down = [np.float32(2.0**power)]
+        for _ in range(40):
+            up.append(np.nextafter(up[-1], np.float32(np.inf)))
+            down.append(np.nextafter(down[-1], np.float32(0)))
+        run = np.array(down[::-1] + up[1:], np.float64)
+        q.append(run.astype(np.int32))
+    q = jnp.asarray(np.stack(q))
+    index = np.asarray(grid_index(q, 24))
+    np.testing.assert_array_equal(np.diff(index, axis=1), 1)
+    np.testing.assert_array_equal(from_grid_index(jnp.asarray(index), 24), q)
+
+
+def test_snap_recovers_the_injection_strictly_within_the_radius():
+    guard_bits = 4
+    values = jnp.asarray(_injections(ml_dtypes.bfloat16, 8))
+    index = grid_index(values, 8)
+    true = values[1000:2000]
+    low = guard(true, guard_bits, 8)
+    for offset in range(-7, 8):  # within `2^(guard_bits − 1)` grid steps, strictly
+        estimate = values[1000 + offset : 2000 + offset]
+        np.testing.assert_array_equal(snap(estimate, low, guard_bits, 8), true)
+    beyond = snap(values[992:1992], low, guard_bits, 8)
+    assert not np.any(np.asarray(beyond) == np.asarray(true))
+    assert int(index[1000]) == 1000
 
 
 def _solver(name: str, beta: float, steps: int) -> revdeq.Reversible:

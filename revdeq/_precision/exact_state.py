@@ -18,6 +18,7 @@ from .fixed_point import (
     floor_divmod,
     guard,
     injection,
+    injection_bits,
     rational,
     scale,
     snap,
@@ -57,11 +58,14 @@ class ExactState(AbstractPrecision):
     **Guard bits.** The backward pass evaluates `f` in other programs than the
     forward pass (inside VJPs, in another loop body or in straight-line code), and
     XLA may round them differently: fused multiply-adds, reduction orders. So each
-    update also pushes the low `guard_bits` bits of `q` into the buffer, and the
-    reverse step takes, of the integers with those low bits, the one nearest to its
+    update also pushes the low `guard_bits` bits of `q`'s index among the values an
+    injection can take (every integer below `2^p`, `p` the significant bits of
+    `f`'s dtype, and only the floats with `p` bits above) into the buffer, and the
+    reverse step takes, of the values with those low bits, the one nearest to its
     own `q'`. The reversal is therefore bit for bit whenever the two evaluations of
-    `f` at the same input give injections less than `2^(guard_bits − 1)` quanta
-    apart (8 at the default 4 bits), whatever the compiler does. Beyond that
+    `f` at the same input give injections less than `2^(guard_bits − 1)` steps of
+    that grid apart (8 at the default 4 bits), a step being the larger of a quantum
+    and a unit in the last place of `β·f`, whatever the compiler does. Beyond that
     radius the rebuilt state drifts, and the certificate of
     [`revdeq.ReversibleAdjoint`][] reports it.
 
@@ -90,9 +94,9 @@ class ExactState(AbstractPrecision):
         `log2(max_steps)` more.
     - `guard_bits`: the low bits of each injection kept for the reverse pass,
         from 0 to 16; they tolerate a disagreement of `f` between the passes of up
-        to `2^(guard_bits − 1)` quanta (strictly), and cost `guard_bits` bits per
-        element and step in the buffer. 0 requires `f` to give the same bits in
-        both passes.
+        to `2^(guard_bits − 1)` steps of the injection's grid (strictly), and cost
+        `guard_bits` bits per element and step in the buffer. 0 requires `f` to
+        give the same bits in both passes.
 
     ??? cite "Reference"
 
@@ -211,7 +215,8 @@ class ExactState(AbstractPrecision):
             buffer = s.buffer.begin(radices, step).push(digit, d)
             buffer, rem = buffer.pop(n)
             q, fits = injection(f, beta, s.exponent)
-            buffer = buffer.push(guard(q, self.guard_bits), 1 << self.guard_bits)
+            low = guard(q, self.guard_bits, injection_bits(f.dtype, s.dtype))
+            buffer = buffer.push(low, 1 << self.guard_bits)
             ints = sign * (quotient * n + rem.astype(s.ints.dtype)) + q
             # A non-finite `f` never fits.
             ints = jnp.where(fits, ints, _lost(ints.dtype))
@@ -239,7 +244,8 @@ class ExactState(AbstractPrecision):
             s, f = _materialise(s, f)
             _, _, bits = fixed_point_format(s.ints.dtype)
             buffer, low = s.buffer.resume(radices, step).pop(1 << self.guard_bits)
-            q = snap(injection(f, beta, s.exponent)[0], low, self.guard_bits)
+            estimate = injection(f, beta, s.exponent)[0]
+            q = snap(estimate, low, self.guard_bits, injection_bits(f.dtype, s.dtype))
             quotient, rem = floor_divmod(sign * (s.ints - q), n, bits)
             buffer, digit = buffer.push(rem, n).pop(d)
             ints = quotient * d + digit.astype(s.ints.dtype)

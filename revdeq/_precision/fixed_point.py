@@ -1,6 +1,6 @@
 """Fixed-point arithmetic: the integer formats of [`revdeq.ExactState`][], exact
 scalings by powers of two, the rational form of `1 − β`, and the injection of `β·f`
-with the guard bits that make its reversal tolerant."""
+on its grid, whose guard bits make its reversal tolerant."""
 
 from fractions import Fraction
 
@@ -98,18 +98,72 @@ def injection(
     return scaled.astype(int_dtype), fits
 
 
-def guard(ints: Array, guard_bits: int) -> Array:
-    """The low `guard_bits` bits of `ints` (two's complement), as the digit that
-    lets `snap` recover `ints` from an estimate."""
-    return ints & ((1 << guard_bits) - 1)
+def injection_bits(f_dtype: jnp.dtype, state_dtype: jnp.dtype) -> int:
+    """The significant bits of an injection of `f` in `f_dtype` into a state in
+    `state_dtype`: `β·f` is rounded to the narrower of `f_dtype` and the float of
+    the state's format, and scaled exactly."""
+    _, float_dtype, _ = fixed_point_format(state_dtype)
+    return min(jnp.finfo(f_dtype).nmant, jnp.finfo(float_dtype).nmant) + 1
 
 
-def snap(estimate: Array, low_bits: Array, guard_bits: int) -> Array:
-    """The integer whose `guard` is `low_bits` nearest to `estimate`: the true value
-    whenever it lies within `2^(guard_bits − 1)` of the estimate (strictly)."""
+def _grid_constants(ints: Array, significant_bits: int):
+    """The float of `ints`'s format, the integer its bits are read as, the start
+    `2^significant_bits` of the sparse part of the grid, that start's bits, and the
+    bits that a float with `significant_bits` bits leaves at zero."""
+    float_dtype = jnp.float64 if ints.dtype == jnp.int64 else jnp.float32
+    start = 1 << significant_bits
+    start_bits = jax.lax.bitcast_convert_type(
+        jnp.asarray(start, float_dtype), ints.dtype
+    )
+    unused = jnp.finfo(float_dtype).nmant - (significant_bits - 1)
+    return float_dtype, start, start_bits, unused
+
+
+def grid_index(q: Array, significant_bits: int) -> Array:
+    """The position of the injection `q` among the values an injection can take.
+
+    An injection is a float with `significant_bits` significant bits, scaled exactly
+    and truncated: below `2^significant_bits` it may be any integer, above only
+    every `2^(⌊log2 |q|⌋ − significant_bits + 1)`-th. Consecutive values get
+    consecutive indices (read from the float's bits above the start), so one step
+    of the index is a quantum where `|q|` is small and a unit in the last place of
+    `β·f` where it is large. Odd in `q`, and undone by `from_grid_index`."""
+    float_dtype, start, start_bits, unused = _grid_constants(q, significant_bits)
+    magnitude = jnp.abs(q)
+    bits = jax.lax.bitcast_convert_type(magnitude.astype(float_dtype), q.dtype)
+    sparse = start + ((bits - start_bits) >> unused)
+    index = jnp.where(magnitude < start, magnitude, sparse)
+    return jnp.where(q < 0, -index, index)
+
+
+def from_grid_index(index: Array, significant_bits: int) -> Array:
+    """The injection at position `index` of its grid: the inverse of `grid_index`."""
+    float_dtype, start, start_bits, unused = _grid_constants(index, significant_bits)
+    magnitude = jnp.abs(index)
+    bits = start_bits + ((magnitude - start) << unused)
+    sparse = jax.lax.bitcast_convert_type(bits, float_dtype).astype(index.dtype)
+    q = jnp.where(magnitude < start, magnitude, sparse)
+    return jnp.where(index < 0, -q, q)
+
+
+def guard(q: Array, guard_bits: int, significant_bits: int) -> Array:
+    """The low `guard_bits` bits of the injection `q`'s grid index (two's
+    complement), the digit that lets `snap` recover `q` from an estimate."""
+    if guard_bits == 0:
+        return jnp.zeros_like(q)
+    return grid_index(q, significant_bits) & ((1 << guard_bits) - 1)
+
+
+def snap(
+    estimate: Array, low_bits: Array, guard_bits: int, significant_bits: int
+) -> Array:
+    """The injection whose `guard` is `low_bits` nearest on the grid to `estimate`:
+    the true one whenever the two lie less than `2^(guard_bits − 1)` steps of the
+    grid apart."""
     if guard_bits == 0:
         return estimate
     size = 1 << guard_bits
-    low_bits = low_bits.astype(estimate.dtype)
-    offset = (low_bits - estimate) & (size - 1)  # in [0, 2^k)
-    return estimate + jnp.where(offset >= size // 2, offset - size, offset)
+    index = grid_index(estimate, significant_bits)
+    offset = (low_bits.astype(index.dtype) - index) & (size - 1)  # in [0, 2^k)
+    index = index + jnp.where(offset >= size // 2, offset - size, offset)
+    return from_grid_index(index, significant_bits)

@@ -29,9 +29,12 @@ def x64():
         yield
 
 
-@pytest.fixture(params=[False, True], ids=["x32", "x64"])
+@pytest.fixture(
+    params=[False, pytest.param(True, marks=pytest.mark.slow)], ids=["x32", "x64"]
+)
 def x64_on_and_off(request):
-    """Run the test twice: with 64-bit types disabled (JAX's default) and enabled.
+    """Run the test twice: with 64-bit types disabled (JAX's default) and, in the
+    slow set, enabled.
 
     Use it on a whole module with `pytestmark = pytest.mark.usefixtures(...)`.
     """

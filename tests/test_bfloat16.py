@@ -39,6 +39,7 @@ def _astype(x, dtype):
     return x.astype(dtype)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute(getkey):
     cell, z0s, xs = float32_problem(getkey())
     cell = _Bfloat16Cell(cell)

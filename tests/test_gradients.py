@@ -62,7 +62,9 @@ def _pytree_problem(key, dtype=jnp.float64):
     return cell, z0, x
 
 
-@pytest.mark.parametrize("problem", [_array_problem, _pytree_problem])
+@pytest.mark.parametrize(
+    "problem", [_array_problem, pytest.param(_pytree_problem, marks=pytest.mark.slow)]
+)
 @pytest.mark.parametrize(
     "solver, loop",
     [
@@ -83,8 +85,16 @@ def test_unrolled_matches_plain_loop(x64, getkey, problem, solver, loop):
     assert relative_error(got, truth) <= 1e-10
 
 
-@pytest.mark.parametrize("beta", [0.5, 0.8, 1.2])
-@pytest.mark.parametrize("steps", [1, 2, 5, 8])
+@pytest.mark.parametrize("beta", [0.5, pytest.param(0.8, marks=pytest.mark.slow), 1.2])
+@pytest.mark.parametrize(
+    "steps",
+    [
+        1,
+        pytest.param(2, marks=pytest.mark.slow),
+        5,
+        pytest.param(8, marks=pytest.mark.slow),
+    ],
+)
 @pytest.mark.parametrize("problem", [_array_problem, _pytree_problem])
 def test_reversible_matches_plain_loop(x64, getkey, beta, steps, problem):
     cell, z0, x = problem(getkey())
@@ -182,6 +192,7 @@ def test_implicit_gradient_wrt_z0_is_zero(getkey):
     assert jnp.array_equal(grad, jnp.zeros_like(z0))
 
 
+@pytest.mark.slow
 def test_phantom_tends_to_implicit(x64, getkey):
     cell, z0, x = _array_problem(getkey())
     cot = jax.random.normal(getkey(), z0.shape)
@@ -234,7 +245,9 @@ def test_reversible_backward_evaluates_f_twice_per_step(getkey):
     "solver, adjoint, unroll",
     [
         (revdeq.Reversible(), None, None),
-        (revdeq.Reversible(rtol=0, atol=0), None, True),
+        pytest.param(
+            revdeq.Reversible(rtol=0, atol=0), None, True, marks=pytest.mark.slow
+        ),
         (
             revdeq.Reversible(beta=0.5, rtol=0, atol=0, precision=revdeq.FloatState()),
             None,

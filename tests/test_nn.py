@@ -133,6 +133,7 @@ def test_language_model_causal(pair, getkey):
     assert _changes_only_later_logits(model, tokens, vocab)
 
 
+@pytest.mark.slow
 def test_explicit_language_model_causal(getkey):
     model = nn.ExplicitLanguageModel(13, 7, 8, 2, mlp_ratio=2, key=getkey())
     assert _changes_only_later_logits(model, jr.randint(getkey(), (7,), 0, 13), 13)
@@ -159,6 +160,7 @@ def test_joint_solvers_would_leak(solver, adjoint, getkey):
     assert not _changes_only_later_logits(model, tokens, vocab)
 
 
+@pytest.mark.slow  # a smoke test; the models' gradients are tested below
 def test_models_jit_vmap(getkey):
     images = jr.normal(getkey(), (2, 3, 8, 8))
     small = dict(channels=(4, 8), width_expansions=(1, 2), group_size=4)
@@ -206,7 +208,9 @@ def _tuple_fn(z, args):
     return jnp.tanh(args @ a + 0.5 * b[:3]), jnp.sin(b) * jnp.cos(a).sum()
 
 
-@pytest.mark.parametrize("problem", ["mlp_cell", "pytree"])
+@pytest.mark.parametrize(
+    "problem", ["mlp_cell", pytest.param("pytree", marks=pytest.mark.slow)]
+)
 def test_hutchinson_matches_exact_frobenius(problem, getkey):
     if problem == "mlp_cell":
         fn = nn.MLPCell(5, 7, key=getkey())
@@ -264,7 +268,8 @@ def test_apply_weight_norm(getkey):
             type(cell),
             6,  # TransformerCell: q, k, v, o and two MLP layers
         )
-        assert jnp.allclose(jax.vmap(cell)(z, x), jax.vmap(normed)(z, x), atol=1e-5)
+        apply = eqx.filter_jit(lambda c: jax.vmap(c)(z, x))
+        assert jnp.allclose(apply(cell), apply(normed), atol=1e-5)
 
 
 def _gradient_pair(make_model, data, loss):
@@ -275,6 +280,7 @@ def _gradient_pair(make_model, data, loss):
     return grads
 
 
+@pytest.mark.slow
 def test_language_model_reversible_gradients_match_unrolled(getkey):
     key = getkey()
     tokens = jr.randint(getkey(), (2, 6), 0, 11)
@@ -314,7 +320,14 @@ def test_resnet_reversible_gradients_match_unrolled(getkey):
     assert relative_error(reversible, unrolled) < 1e-4
 
 
-@pytest.mark.parametrize("steps", [4, pytest.param(16, marks=pytest.mark.slow), 64])
+@pytest.mark.parametrize(
+    "steps",
+    [
+        4,
+        pytest.param(16, marks=pytest.mark.slow),
+        pytest.param(64, marks=pytest.mark.slow),
+    ],
+)
 def test_language_model_exact_state_gradient_matches_float64_truth(getkey, steps):
     """The default model: a position-wise `ExactState`, float32 parameters, against
     autodiff of the same reversible iteration in float64 (a scan, which compiles

@@ -23,7 +23,15 @@ from .helpers import (
 pytestmark = pytest.mark.usefixtures("x64_on_and_off")
 
 
-@pytest.mark.parametrize("beta", [0.5, 0.8, 0.9, 1.2])
+@pytest.mark.parametrize(
+    "beta",
+    [
+        0.5,
+        pytest.param(0.8, marks=pytest.mark.slow),
+        pytest.param(0.9, marks=pytest.mark.slow),
+        1.2,
+    ],
+)
 @pytest.mark.parametrize("steps", [16, 64])
 def test_exact_state_matches_float64_truth(getkey, beta, steps):
     cell, z0s, xs = float32_problem(getkey())
@@ -43,7 +51,7 @@ class _ConvCell(eqx.Module):
         return jnp.tanh(self.conv(z) + x)
 
 
-@pytest.mark.parametrize("beta", [0.5, 0.8])
+@pytest.mark.parametrize("beta", [0.5, pytest.param(0.8, marks=pytest.mark.slow)])
 def test_exact_state_conv_cell_matches_float64_truth(getkey, beta):
     conv = eqx.nn.Conv2d(4, 4, 3, padding=1, key=getkey(), dtype=jnp.float32)
     cell = _ConvCell(eqx.tree_at(lambda c: c.weight, conv, 0.5 * conv.weight))
@@ -165,7 +173,7 @@ def _quantum(cell, z0, x, beta, headroom_bits=6):
     # and the control without guard bits.
     [(4, 6, True), (4, 12, False), (8, 100, True), (0, 2, False)],
 )
-@pytest.mark.parametrize("beta", [0.5, 0.8])
+@pytest.mark.parametrize("beta", [0.5, pytest.param(0.8, marks=pytest.mark.slow)])
 def test_reversal_is_exact_within_the_guard_radius(
     getkey, guard_bits, quanta, exact, beta
 ):
@@ -217,6 +225,7 @@ def test_no_nan_far_past_convergence(getkey):
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.slow
 def test_unusual_beta_uses_the_nearest_reversible_one(getkey):
     # 1 - 0.123 = 877/1000 needs n·d > 2^15: the iteration uses 1 - 164/187.
     solver = revdeq.Reversible(beta=0.123, rtol=0, atol=0)

@@ -234,11 +234,16 @@ def _vjp_at(fn_args_static, diff, nondiff, batched, axis_size, unroll):
         evaluate = jax.vmap(apply, in_axes=in_axes)
 
     def vjp_at(point, grads):
-        if unroll:
+        leaves = jtu.tree_leaves(grads)
+        if unroll and leaves:
             # Straight-line code has no loop to order the steps: without this
             # dependency XLA runs every step's VJP before accumulating any of
-            # their parameter cotangents, and keeps them all alive.
-            point, _ = jax.lax.optimization_barrier((point, grads))
+            # their parameter cotangents, and keeps them all alive. (An
+            # `optimization_barrier` on `(point, grads)` does not order them.)
+            tie = sum(
+                0 * jnp.sum(g.reshape(-1)[:1]).astype(jnp.float32) for g in leaves
+            )
+            point = jtu.tree_map(lambda p: p + tie.astype(p.dtype), point)
         return jax.vjp(lambda d, p: evaluate(d, p, nondiff), diff, point)
 
     return vjp_at

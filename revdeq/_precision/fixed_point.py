@@ -6,6 +6,7 @@ from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Int
 
 from .._cast import cast_exactly, round_to
@@ -106,16 +107,14 @@ def injection_bits(f_dtype: jnp.dtype, state_dtype: jnp.dtype) -> int:
     return min(jnp.finfo(f_dtype).nmant, jnp.finfo(float_dtype).nmant) + 1
 
 
-def _grid_constants(ints: Array, significant_bits: int):
-    """The float of `ints`'s format, the integer its bits are read as, the start
-    `2^significant_bits` of the sparse part of the grid, that start's bits, and the
-    bits that a float with `significant_bits` bits leaves at zero."""
-    float_dtype = jnp.float64 if ints.dtype == jnp.int64 else jnp.float32
+def _grid_constants(ints: Array, significant_bits: int) -> tuple[type, int, int, int]:
+    """The float of `ints`'s format, the start `2^significant_bits` of the sparse
+    part of the grid, the bits of that start as a float, and the low bits that a
+    float with `significant_bits` significant bits leaves at zero."""
+    float_dtype = np.float64 if ints.dtype == jnp.int64 else np.float32
     start = 1 << significant_bits
-    start_bits = jax.lax.bitcast_convert_type(
-        jnp.asarray(start, float_dtype), ints.dtype
-    )
-    unused = jnp.finfo(float_dtype).nmant - (significant_bits - 1)
+    start_bits = int(np.array(start, float_dtype).view(ints.dtype))
+    unused = int(np.finfo(float_dtype).nmant) - (significant_bits - 1)
     return float_dtype, start, start_bits, unused
 
 
@@ -131,7 +130,11 @@ def grid_index(q: Array, significant_bits: int) -> Array:
     float_dtype, start, start_bits, unused = _grid_constants(q, significant_bits)
     magnitude = jnp.abs(q)
     bits = jax.lax.bitcast_convert_type(magnitude.astype(float_dtype), q.dtype)
-    sparse = start + ((bits - start_bits) >> unused)
+    sparse = (
+        ((bits - start_bits) >> unused) + start
+        if unused
+        else bits - (start_bits - start)
+    )
     index = jnp.where(magnitude < start, magnitude, sparse)
     return jnp.where(q < 0, -index, index)
 
@@ -140,7 +143,11 @@ def from_grid_index(index: Array, significant_bits: int) -> Array:
     """The injection at position `index` of its grid: the inverse of `grid_index`."""
     float_dtype, start, start_bits, unused = _grid_constants(index, significant_bits)
     magnitude = jnp.abs(index)
-    bits = start_bits + ((magnitude - start) << unused)
+    bits = (
+        ((magnitude - start) << unused) + start_bits
+        if unused
+        else magnitude + (start_bits - start)
+    )
     sparse = jax.lax.bitcast_convert_type(bits, float_dtype).astype(index.dtype)
     q = jnp.where(magnitude < start, magnitude, sparse)
     return jnp.where(index < 0, -q, q)

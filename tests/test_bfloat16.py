@@ -63,7 +63,7 @@ def test_bfloat16_compute(getkey):
     assert drift == 0
 
 
-@pytest.mark.parametrize("beta", [0.8, 1.5])
+@pytest.mark.parametrize("beta", [pytest.param(0.8, marks=pytest.mark.slow), 1.5])
 def test_cast_exactly_keeps_a_bfloat16_cell_reversible(getkey, beta):
     # By default XLA computes bfloat16 arithmetic in float32 and may skip the
     # rounding of a cast pair, depending on where its fusions and loop bodies end:

@@ -46,12 +46,27 @@ _EXAMPLE = re.compile(r"^!!! Example\n((?:[ \t]*\n|    .*\n?)*)", re.MULTILINE)
 _PYTHON = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
+# Examples that compile whole models (10 s or more each) run in the slow set.
+_MODELS = {
+    f"revdeq.nn.{name}"
+    for name in (
+        "DEQLanguageModel",
+        "ExplicitLanguageModel",
+        "ExplicitResNet",
+        "ExplicitStack",
+        "ImplicitResNet",
+        "TransformerCell",
+    )
+}
+
+
 def _examples():
     for path, obj in _public_names():
         for where, doc in _docstrings(path, obj):
             for body in _EXAMPLE.findall(doc or ""):
                 for code in _PYTHON.findall(textwrap.dedent(body)):
-                    yield pytest.param(code, id=where)
+                    marks = [pytest.mark.slow] if where in _MODELS else []
+                    yield pytest.param(code, id=where, marks=marks)
 
 
 def test_every_public_name_is_documented():

@@ -25,6 +25,7 @@ def _cells_and_inputs(key):
     ]
 
 
+@pytest.mark.slow  # a smoke test; test_guard_bits.py runs every cell batched
 def test_cells_jit_vmap(getkey):
     for cell, z, x in _cells_and_inputs(getkey()):
         out = jax.jit(jax.vmap(cell))(z, x)
@@ -320,14 +321,8 @@ def test_resnet_reversible_gradients_match_unrolled(getkey):
     assert relative_error(reversible, unrolled) < 1e-4
 
 
-@pytest.mark.parametrize(
-    "steps",
-    [
-        4,
-        pytest.param(16, marks=pytest.mark.slow),
-        pytest.param(64, marks=pytest.mark.slow),
-    ],
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("steps", [4, 16, 64])
 def test_language_model_exact_state_gradient_matches_float64_truth(getkey, steps):
     """The default model: a position-wise `ExactState`, float32 parameters, against
     autodiff of the same reversible iteration in float64 (a scan, which compiles

@@ -116,7 +116,7 @@ def _nonfinite(z, x):
     [
         (_diverging, revdeq.FloatState()),
         (_nonfinite, revdeq.FloatState()),
-        (_nonfinite, revdeq.ExactState()),
+        pytest.param(_nonfinite, revdeq.ExactState(), marks=pytest.mark.slow),
     ],
 )
 def test_unrolled_stops_where_the_loop_stops(cell, precision):

@@ -255,6 +255,7 @@ def test_count_parameters(getkey):
     assert nn.count_parameters(cell) == (4 * 8 + 8) + 4 * 8 + (8 * 4 + 4)
 
 
+@pytest.mark.slow  # applies it to every cell of revdeq.nn
 def test_apply_weight_norm(getkey):
     for cell, z, x in _cells_and_inputs(getkey()):
         normed = nn.apply_weight_norm(cell)

@@ -465,6 +465,7 @@ _CALLBACKS_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # compiles and inspects a whole training step
 def test_eqx_on_error_nan_leaves_no_host_callback():
     # On CPU a program with a host callback runs synchronously. The run-time checks
     # are callbacks by default; `EQX_ON_ERROR=nan`, the way out the README gives,

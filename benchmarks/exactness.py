@@ -8,9 +8,11 @@ float32 parameters, JAX's default config with x64 off), it prints for each
 - the relative error of the parameter gradient against a float64 truth: `jax.grad`
   of a plain Python loop of the same iteration, run in float64 from the same float32
   parameters;
-- compiled temporary memory relative to store-everything backprop (`lax.scan`);
-- time relative to store-everything backprop: medians of samples interleaved with it
-  in one process (the float64 state, which needs x64, is not timed).
+- compiled temporary memory relative to store-everything backprop written as a
+  Python loop, the fastest plain program;
+- time relative to the same: medians of samples interleaved with it in one process
+  (the float64 state, which needs x64, is not timed), with the reconstruction
+  certificate off.
 
 Configurations: a naive float32 `FloatState`, a float64 `FloatState` (x64 on), and
 the default `ExactState`.

@@ -10,7 +10,8 @@
 #
 # The idea to take away: `ReversibleAdjoint` rebuilds states instead of storing them,
 # so with `FloatState` its memory is flat in `N`; `ExactState` adds only its
-# information buffer, about `log2(1/|1 − β|)` bits per element per step.
+# information buffer: about `log2(1/|1 − β|)` bits per element per step, plus 4
+# guard bits per update (two updates per step).
 
 # %%
 import statistics

@@ -257,6 +257,9 @@ def test_bad_beta(beta):
     [
         lambda: revdeq.Anderson(rtol=-1.0),
         lambda: revdeq.Broyden(atol=-1e-3),
+        # Every solver's tolerances are checked by their common base.
+        lambda: revdeq.Reversible(rtol=-1e-4),
+        lambda: revdeq.FixedPointIteration(atol=-1.0),
         lambda: revdeq.FixedPointIteration(damping=0.0),
         lambda: revdeq.Anderson(history=0),
         lambda: revdeq.PhantomAdjoint(steps=0),

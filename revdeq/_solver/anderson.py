@@ -9,7 +9,6 @@ from .base import (
     AbstractSolver,
     ConvergenceState,
     Unsegmented,
-    check_tolerances,
     no_progress,
 )
 
@@ -85,7 +84,6 @@ class Anderson(Unsegmented, AbstractSolver):
     rowwise: bool = False
 
     def __check_init__(self):
-        check_tolerances(self)
         if self.history < 1:
             raise ValueError(f"`history` must be >= 1, got {self.history}.")
         if not 0 < self.damping < 2:

@@ -33,13 +33,6 @@ def no_progress(dtype) -> ConvergenceState:
     return ConvergenceState(inf, inf, inf, jnp.array(False), jnp.array(0))
 
 
-def check_tolerances(solver) -> None:
-    if solver.rtol < 0:
-        raise ValueError(f"`rtol` must be >= 0, got {solver.rtol}.")
-    if solver.atol < 0:
-        raise ValueError(f"`atol` must be >= 0, got {solver.atol}.")
-
-
 class AbstractSolver(optx.AbstractFixedPointSolver):
     """Base of the forward solvers: an `optimistix.AbstractFixedPointSolver` whose
     state carries a `ConvergenceState` as `.progress`.
@@ -65,6 +58,13 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
     rtol: eqx.AbstractVar[float]
     atol: eqx.AbstractVar[float]
     norm: eqx.AbstractVar[Callable[[PyTree], Scalar]]
+
+    def __check_init__(self):
+        # Equinox calls it for every solver, beside each subclass's own check.
+        if self.rtol < 0:
+            raise ValueError(f"`rtol` must be >= 0, got {self.rtol}.")
+        if self.atol < 0:
+            raise ValueError(f"`atol` must be >= 0, got {self.atol}.")
 
     @property
     def fixed_steps(self) -> bool:

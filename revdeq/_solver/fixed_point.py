@@ -8,7 +8,6 @@ from .base import (
     AbstractSolver,
     ConvergenceState,
     Unsegmented,
-    check_tolerances,
     no_progress,
 )
 
@@ -49,7 +48,6 @@ class FixedPointIteration(Unsegmented, AbstractSolver):
     norm: Callable[[PyTree], Scalar] = tree_max_abs
 
     def __check_init__(self):
-        check_tolerances(self)
         if not 0 < self.damping < 2:
             raise ValueError(f"`damping` must lie in (0, 2), got {self.damping}.")
 

@@ -8,7 +8,7 @@ from .._precision.base import AbstractPrecision
 from .._precision.exact_state import ExactState
 from .._solution import RESULTS
 from .._tree import tree_dtype, tree_max_abs, tree_rms, tree_sub
-from .base import AbstractSolver, ConvergenceState, check_tolerances, no_progress
+from .base import AbstractSolver, ConvergenceState, no_progress
 
 
 class ReversiblePair(eqx.Module):
@@ -89,7 +89,6 @@ class Reversible(AbstractSolver):
     precision: AbstractPrecision = ExactState()
 
     def __check_init__(self):
-        check_tolerances(self)
         if not 0 < self.beta < 2 or self.beta == 1:
             raise ValueError(
                 f"`beta` must lie in (0, 2) and differ from 1, got {self.beta}: at 1 "

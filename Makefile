@@ -34,12 +34,23 @@ bench: $(STAMP)
 	$(PY) benchmarks/adjoints.py
 	$(PY) benchmarks/exactness.py
 
+# Ruff, then pyright at its standard level (configured in pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pyright
+
+# MathJax from the npm registry, copied into the site so that its pages render
+# math offline and request nothing from outside it.
+MATHJAX := docs/_static/mathjax
+$(MATHJAX)/tex-mml-chtml.js:
+	npm install --silent --no-save --no-audit --no-fund --prefix $(VENV)/npm mathjax@3.2.2
+	mkdir -p $(MATHJAX)
+	cd $(VENV)/npm/node_modules/mathjax/es5 && \
+		cp -r tex-mml-chtml.js input output ui a11y $(CURDIR)/$(MATHJAX)/
 
 # The site, into site/. Strict: a broken cross-reference fails the build.
-docs: $(DOCS_STAMP)
+docs: $(DOCS_STAMP) $(MATHJAX)/tex-mml-chtml.js
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # The notebooks' sources are the percent-format .py files beside them: write each
@@ -60,4 +71,4 @@ package: $(STAMP)
 	$(PY) -m pytest -q -m package tests/test_package.py
 
 clean:
-	rm -rf $(VENV) site dist
+	rm -rf $(VENV) site dist $(MATHJAX)

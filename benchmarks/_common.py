@@ -1,59 +1,16 @@
-"""Shared pieces of the benchmarks: cells, the store-everything baseline, and the
-two measurements (compiled temporary memory, and interleaved median timings)."""
+"""Shared pieces of the benchmarks: a solve and the batched training step around it,
+and interleaved median timings. The cell, the store-everything yardstick
+(`plain_reversible_loop`), the relative error and the compiled-memory reading are
+`revdeq.testing`'s."""
 
 import math
 import statistics
 import time
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 
 import revdeq
-
-
-class TanhCell(eqx.Module):
-    """`f(z, x) = tanh(z W + x U + b)` with `W` scaled to `0.9 / sqrt(d)`."""
-
-    weight: jax.Array
-    inject: jax.Array
-    bias: jax.Array
-
-    def __init__(self, dim, *, key):
-        k1, k2, k3 = jax.random.split(key, 3)
-        self.weight = 0.9 / dim**0.5 * jax.random.normal(k1, (dim, dim))
-        self.inject = jax.random.normal(k2, (dim, dim)) / dim**0.5
-        self.bias = 0.1 * jax.random.normal(k3, (dim,))
-
-    def __call__(self, z, x):
-        return jnp.tanh(z @ self.weight + x @ self.inject + self.bias)
-
-
-def _reversible_step(cell, x, beta, y, z):
-    y = (1 - beta) * y + beta * cell(z, x)
-    z = (1 - beta) * z + beta * cell(y, x)
-    return y, z
-
-
-def store_all_loss(cell, z0, x, beta, steps):
-    """The reversible iteration as a Python loop, so that backprop through it stores
-    every step's residuals. The yardstick for memory and time: at a fixed step
-    count, the fastest plain program a user could write (XLA:CPU compiles a
-    convolution in a loop body several times slower, jax-ml/jax#12868)."""
-    y = z = z0
-    for _ in range(steps):
-        y, z = _reversible_step(cell, x, beta, y, z)
-    return z
-
-
-def store_all_scan_loss(cell, z0, x, beta, steps):
-    """The same iteration as a `lax.scan`: store-all backprop through a loop."""
-
-    def step(carry, _):
-        return _reversible_step(cell, x, beta, *carry), None
-
-    (_, z), _ = jax.lax.scan(step, (z0, z0), None, length=steps)
-    return z
 
 
 def solve_value(cell, z0, x, *, solver, adjoint, steps):
@@ -71,11 +28,6 @@ def batched_value_and_grad(single):
         return jnp.mean(out**2)
 
     return jax.jit(jax.value_and_grad(loss))
-
-
-def temp_memory(fn, *args) -> int:
-    """Compiled temporary memory in bytes: deterministic, and read without running."""
-    return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
 def interleaved_medians(fns: dict, *args, repeats=7, min_sample_seconds=0.05) -> dict:

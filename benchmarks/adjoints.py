@@ -18,17 +18,18 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from _common import (
-    TanhCell,
     batched_value_and_grad,
     interleaved_medians,
     markdown_table,
     solve_value,
-    store_all_loss,
-    store_all_scan_loss,
-    temp_memory,
 )
 
 import revdeq
+from revdeq.testing import (
+    TanhCell,
+    compiled_memory,
+    plain_reversible_loop,
+)
 
 
 BETA = 0.8
@@ -44,10 +45,10 @@ def _variants(steps):
     solve = functools.partial(solve_value, steps=steps)
     return {
         "store-all (straight-line)": functools.partial(
-            store_all_loss, beta=BETA, steps=steps
+            plain_reversible_loop, beta=BETA, steps=steps
         ),
         "store-all (lax.scan)": functools.partial(
-            store_all_scan_loss, beta=BETA, steps=steps
+            plain_reversible_loop, beta=BETA, steps=steps, scan=True
         ),
         "UnrolledAdjoint (checkpointed)": functools.partial(
             solve, solver=reversible, adjoint=revdeq.UnrolledAdjoint()
@@ -76,12 +77,13 @@ def memory_table(dim=256, batch=64, steps_grid=(4, 16, 64, 256)):
     for steps in steps_grid:
         for name, single in _variants(steps).items():
             fn = batched_value_and_grad(single)
-            rows.setdefault(name, []).append(temp_memory(fn, cell, z0s, xs))
+            rows.setdefault(name, []).append(compiled_memory(fn, cell, z0s, xs))
     table = [
         [name, *(f"{b / 2**20:.2f}" for b in mem), f"{mem[-1] / mem[0]:.2f}"]
         for name, mem in rows.items()
     ]
-    header = ["adjoint", *(f"{s} steps (MiB)" for s in steps_grid), "256 / 4"]
+    ratio = f"{steps_grid[-1]} / {steps_grid[0]}"
+    header = ["adjoint", *(f"{s} steps (MiB)" for s in steps_grid), ratio]
     return markdown_table(header, table)
 
 
@@ -90,7 +92,7 @@ def _plain_stage(stage: revdeq.nn.DEQ):
 
     def run(x):
         z0 = jnp.zeros(stage.state_shape, stage.state_dtype)
-        return store_all_loss(stage.cell, z0, x, BETA, stage.max_steps), None
+        return plain_reversible_loop(stage.cell, z0, x, BETA, stage.max_steps), None
 
     return run
 

@@ -24,16 +24,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from _common import (
-    TanhCell,
     batched_value_and_grad,
     interleaved_medians,
     markdown_table,
     solve_value,
-    store_all_loss,
-    temp_memory,
 )
 
 import revdeq
+from revdeq.testing import (
+    TanhCell,
+    compiled_memory,
+    plain_reversible_loop,
+    relative_error,
+)
 
 
 DIM, BATCH = 256, 64
@@ -47,19 +50,10 @@ def _solver(beta, precision):
     return revdeq.Reversible(beta=beta, rtol=0.0, atol=0.0, precision=precision)
 
 
-def _relative_error(grads, truth):
-    num = sum(
-        np.sum((np.asarray(g, np.float64) - np.asarray(t)) ** 2)
-        for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(truth))
-    )
-    den = sum(np.sum(np.asarray(t) ** 2) for t in jax.tree.leaves(truth))
-    return float(np.sqrt(num / den))
-
-
 def _truth(cell, z0s, xs, beta, steps):
     with jax.enable_x64(True):
         as64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (cell, z0s, xs))
-        single = functools.partial(store_all_loss, beta=beta, steps=steps)
+        single = functools.partial(plain_reversible_loop, beta=beta, steps=steps)
         _, grads = batched_value_and_grad(single)(*as64)
         return jax.tree.map(np.asarray, grads)
 
@@ -92,9 +86,9 @@ def main():
         for steps in STEPS:
             truth = _truth(cell, z0s, xs, beta, steps)
             base = batched_value_and_grad(
-                functools.partial(store_all_loss, beta=beta, steps=steps)
+                functools.partial(plain_reversible_loop, beta=beta, steps=steps)
             )
-            base_memory = temp_memory(base, cell, z0s, xs)
+            base_memory = compiled_memory(base, cell, z0s, xs)
             row = [beta, steps]
             timed = {"store-all": functools.partial(base, cell, z0s, xs)}
             for name, (precision, x64) in configs.items():
@@ -103,9 +97,9 @@ def main():
                         precision = revdeq.FloatState(jnp.float64)
                 grads, fn, args = _ours(cell, z0s, xs, beta, steps, precision, x64)
                 with jax.enable_x64(x64):
-                    memory = temp_memory(fn, *args)
+                    memory = compiled_memory(fn, *args)
                 row += [
-                    f"{_relative_error(grads, truth):.1e}",
+                    f"{relative_error(grads, truth):.1e}",
                     f"{memory / base_memory:.2f}",
                 ]
                 if not x64:  # timed against the float32 store-everything run

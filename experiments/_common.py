@@ -22,6 +22,7 @@ import jax
 from tqdm import tqdm
 
 import revdeq
+from revdeq.testing import compiled_memory
 
 
 VARIANTS = ("revdeq", "deq", "phantom", "explicit")
@@ -184,17 +185,6 @@ def count_fn_evals(model: eqx.Module, loss_fn: Callable, example: Any) -> dict:
     return {"nfe_forward": nfe_forward, "nfe_backward": counts.backward}
 
 
-def temp_memory_bytes(step: Callable, *args: Any) -> int:
-    """The compiled temporary memory of a training step on these arguments."""
-    arrays, static = eqx.partition(args, eqx.is_array)
-
-    def step_arrays(arrays):
-        return eqx.filter(step(*eqx.combine(arrays, static)), eqx.is_array)
-
-    lowered = jax.jit(step_arrays).lower(arrays)
-    return int(lowered.compile().memory_analysis().temp_size_in_bytes)
-
-
 def train(
     model: eqx.Module,
     loss_fn: Callable,
@@ -286,7 +276,7 @@ def train(
     if not metrics:  # Resumed after the last epoch.
         metrics = evaluate(model)
     sample = parallel.shard_batch(next(iter(batches(data_key))))
-    memory = temp_memory_bytes(step_fn, model, opt_state, sample, step_key)
+    memory = compiled_memory(step_fn, model, opt_state, sample, step_key)
     summary = {
         **metrics,
         "wall_time_s": elapsed,

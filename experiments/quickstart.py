@@ -6,30 +6,16 @@ through the same iterations), the forward function evaluations and the compiled
 temporary memory of the batched value-and-grad.
 """
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import revdeq
-
-
-class Cell(eqx.Module):
-    weight: jax.Array
-    inject: jax.Array
-
-    def __init__(self, dim, *, key):
-        k1, k2 = jax.random.split(key)
-        self.weight = 0.8 / dim**0.5 * jax.random.normal(k1, (dim, dim))
-        self.inject = jax.random.normal(k2, (dim, dim)) / dim**0.5
-
-    def __call__(self, z, x):
-        return jnp.tanh(self.weight @ z + self.inject @ x)
+from revdeq.testing import TanhCell, compiled_memory, relative_error
 
 
 def main(dim=64, batch=32, steps=12):
     k1, k2 = jax.random.split(jax.random.key(0))
-    cell = Cell(dim, key=k1)
+    cell = TanhCell(dim, key=k1, scale=0.8)
     xs = jax.random.normal(k2, (batch, dim))
     reversible = revdeq.Reversible(beta=0.8, rtol=0, atol=0)
     anderson = revdeq.Anderson(rtol=0, atol=0)
@@ -70,11 +56,10 @@ def main(dim=64, batch=32, steps=12):
     for name, (solver, adjoint) in runs.items():
         fn = make(solver, adjoint)
         (_, evals), grads = fn(cell, xs)
-        flat = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
         if reference is None:
-            reference = flat
-        error = np.linalg.norm(flat - reference) / np.linalg.norm(reference)
-        memory = fn.lower(cell, xs).compile().memory_analysis().temp_size_in_bytes
+            reference = grads
+        error = relative_error(grads, reference)
+        memory = compiled_memory(fn, cell, xs)
         print(f"{name:30s} {error:24.2e} {int(evals):8d} {memory / 1024:13.0f}")
     drift = revdeq.reconstruction_error(
         cell, jnp.zeros(dim), xs[0], solver=reversible, max_steps=steps

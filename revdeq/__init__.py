@@ -1,7 +1,5 @@
 """revdeq: Deep Equilibrium Models and Reversible DEQs in JAX/Equinox."""
 
-# Subpackages that build on the core above.
-from . import data as data, internal as internal, nn as nn, train as train  # noqa: E402, I001
 from ._adjoint.base import AbstractAdjoint as AbstractAdjoint
 from ._adjoint.implicit import ImplicitAdjoint as ImplicitAdjoint
 from ._adjoint.phantom import PhantomAdjoint as PhantomAdjoint
@@ -21,6 +19,17 @@ from ._solver.base import AbstractSolver as AbstractSolver
 from ._solver.broyden import Broyden as Broyden
 from ._solver.fixed_point import FixedPointIteration as FixedPointIteration
 from ._solver.reversible import Reversible as Reversible
+
+
+# isort: split
+# Subpackages that build on the core above.
+from . import (
+    data as data,
+    internal as internal,
+    nn as nn,
+    testing as testing,
+    train as train,
+)
 
 
 __version__ = "0.1.0"

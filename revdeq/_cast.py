@@ -4,7 +4,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike
+from jaxtyping import Array, ArrayLike, DTypeLike
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -80,3 +80,15 @@ def round_to(x: Array, dtype: jnp.dtype) -> Array:
         rounded = jnp.where(jnp.abs(x) < float(narrow.smallest_normal), grid, rounded)
     # A NaN stays a NaN: carrying into the exponent could make it an infinity.
     return jnp.where(jnp.isnan(x), x, rounded)
+
+
+def check_float_dtype(name: str, dtype: DTypeLike, hint: str = "") -> None:
+    """A `ValueError` naming the argument `name` unless `dtype` is a floating
+    dtype that JAX will honour: float64 needs x64 on. `hint` ends the message."""
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"`{name}` must be a floating dtype, got {dtype}.")
+    if jnp.dtype(dtype).itemsize == 8 and not jax.config.read("jax_enable_x64"):
+        raise ValueError(
+            f"`{name}=float64` needs `jax.config.update('jax_enable_x64', True)` "
+            f"first, or JAX computes in float32.{hint}"
+        )

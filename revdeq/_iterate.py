@@ -1,10 +1,14 @@
 """The one driver loop that every solve runs, whichever adjoint differentiates it."""
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import equinox as eqx
 import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import optimistix as optx
 from jaxtyping import Array, Bool, Int, PyTree
 
 from ._custom_types import Args, Fn, Y
@@ -17,7 +21,7 @@ class AuxFn(eqx.Module):
 
     fn: Fn
 
-    def __call__(self, z, args):
+    def __call__(self, z: Y, args: Args) -> tuple[Y, None]:
         return self.fn(z, args), None
 
 
@@ -63,7 +67,7 @@ def resolve_unroll(unroll: bool | None, solver: AbstractSolver, max_steps: int) 
     return unroll
 
 
-def _check_max_steps(max_steps) -> None:
+def _check_max_steps(max_steps: object) -> None:
     if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
         raise ValueError(f"`max_steps` must be an int >= 1, got {max_steps!r}.")
 
@@ -101,38 +105,20 @@ def iterate(
     tags = frozenset()
     f_struct = jax.eval_shape(lambda: z0)
     state = solver.init(aux_fn, z0, args, options, f_struct, None, tags)
-    init = (jnp.array(0), z0, state, jnp.array(False), RESULTS.successful)
+    start = (jnp.array(0), z0, state, jnp.array(False), RESULTS.successful)
+    init = _Carry(*start)  # pyright: ignore[reportArgumentType]
 
-    def body(carry):
-        step, z, state, _, _ = carry
-        z, state, _ = solver.step(aux_fn, z, args, options, state, tags)
+    def step(carry: _Carry) -> _Carry:
+        z, state, _ = solver.step(aux_fn, carry.z, args, options, carry.state, tags)
         done, result = solver.terminate(aux_fn, z, args, options, state, tags)
-        return step + 1, z, state, done, _with_advice(result)
-
-    def below(limit):
-        def cond(carry):
-            step, _, _, done, _ = carry
-            return ~done & (step < limit)
-
-        return cond
+        return _Carry(carry.num_steps + 1, z, state, done, _with_advice(result))
 
     if unroll:
-        length = solver.segment_length(max_steps)
-        final, archives = init, []
-        for index in range(max_steps):
-            stepped = body(final)
-            final = stepped if index == 0 else _unless(final[3], final, stepped)
-            # One carry per step, as a loop has: fused into the next step's
-            # consumers, each step would be computed again for each of them.
-            final = jax.lax.optimization_barrier(final)
-            end_of_segment = (index + 1) % length == 0 or index + 1 == max_steps
-            if end_of_segment and not differentiable:
-                archives.append(solver.archive(final[2]))
-        archived = jtu.tree_map(_stack, *archives) if archives else None
+        final, archived = _unrolled(solver, step, init, max_steps, differentiable)
     elif differentiable:
         final = eqxi.while_loop(
-            below(max_steps),
-            body,
+            _below(max_steps),
+            step,
             init,
             max_steps=max_steps,
             kind="checkpointed",
@@ -140,23 +126,75 @@ def iterate(
         )
         archived = None
     else:
-        length = solver.segment_length(max_steps)
-
-        def segment(carry, index):
-            limit = jnp.minimum((index + 1) * length, max_steps)
-            carry = jax.lax.while_loop(below(limit), body, carry)
-            return carry, solver.archive(carry[2])
-
-        num_segments = -(-max_steps // length)
-        final, archived = jax.lax.scan(segment, init, jnp.arange(num_segments))
-    num_steps, z, state, done, result = final
+        final, archived = _segmented(solver, step, init, max_steps)
+    result = final.result
     if not solver.fixed_steps:
-        result = RESULTS.where(done, result, RESULTS.max_steps_reached)
-    state, result = solver.finish(state, archived, result)
-    return Iteration(z, state, num_steps, result)
+        out_of_steps = RESULTS.max_steps_reached
+        result = RESULTS.where(final.done, result, out_of_steps)  # pyright: ignore[reportArgumentType]
+    state, result = solver.finish(final.state, archived, result)
+    return Iteration(final.z, state, final.num_steps, result)
 
 
-def _with_advice(result) -> RESULTS:
+class _Carry(NamedTuple):
+    """The driver loop's carry."""
+
+    num_steps: Int[Array, ""]
+    z: Y
+    state: PyTree
+    done: Bool[Array, ""]
+    result: RESULTS
+
+
+def _below(limit: int | Int[Array, ""]) -> Callable[[_Carry], Bool[Array, ""]]:
+    """The loop condition: not terminated, and fewer than `limit` steps taken."""
+
+    def cond(carry: _Carry) -> Bool[Array, ""]:
+        return ~carry.done & (carry.num_steps < limit)
+
+    return cond
+
+
+def _unrolled(
+    solver: AbstractSolver,
+    step: Callable[[_Carry], _Carry],
+    init: _Carry,
+    max_steps: int,
+    differentiable: bool,
+) -> tuple[_Carry, PyTree]:
+    """The loop as straight-line code, archiving at the end of every segment."""
+    length = solver.segment_length(max_steps)
+    carry, archives = init, []
+    for index in range(max_steps):
+        stepped = step(carry)
+        carry = stepped if index == 0 else _unless(carry.done, carry, stepped)
+        # One carry per step, as a loop has: fused into the next step's
+        # consumers, each step would be computed again for each of them.
+        carry = jax.lax.optimization_barrier(carry)
+        end_of_segment = (index + 1) % length == 0 or index + 1 == max_steps
+        if end_of_segment and not differentiable:
+            archives.append(solver.archive(carry.state))
+    return carry, (jtu.tree_map(_stack, *archives) if archives else None)
+
+
+def _segmented(
+    solver: AbstractSolver,
+    step: Callable[[_Carry], _Carry],
+    init: _Carry,
+    max_steps: int,
+) -> tuple[_Carry, PyTree]:
+    """The loop as a scan over `while_loop` segments, archiving after each."""
+    length = solver.segment_length(max_steps)
+
+    def segment(carry: _Carry, index: Int[Array, ""]) -> tuple[_Carry, PyTree]:
+        limit = jnp.minimum((index + 1) * length, max_steps)
+        carry = jax.lax.while_loop(_below(limit), step, carry)
+        return carry, solver.archive(carry.state)
+
+    num_segments = -(-max_steps // length)
+    return jax.lax.scan(segment, init, jnp.arange(num_segments))
+
+
+def _with_advice(result: optx.RESULTS) -> RESULTS:
     """A solver's `optimistix.RESULTS` code, with optimistix's generic failures
     replaced by revdeq's, whose messages say what to do."""
     result = RESULTS.promote(result)

@@ -5,6 +5,9 @@ from jaxtyping import Array, PyTree
 from ._custom_types import Y
 
 
+# Type checkers see the codes inherited from optimistix (`successful`,
+# `max_steps_reached`, ...) as `optx.RESULTS`, though at run time they are this
+# class's: where one meets this type, a `pyright: ignore` says so.
 class RESULTS(optx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
     """Result codes of [`revdeq.solve`][]. Read a message with `RESULTS[sol.result]`.
 

@@ -96,7 +96,7 @@ def solve(
     unroll = resolve_unroll(unroll, solver, max_steps)
     _check_state(z0)
     fn = eqx.filter_closure_convert(fn, z0, args)
-    _check_output(fn.out_struct, z0)
+    _check_output(jax.eval_shape(fn, z0, args), z0)
 
     out = adjoint.apply(
         fn, solver, z0, args, max_steps=max_steps, unroll=unroll, throw=throw

@@ -7,7 +7,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import Array, Float, PyTree, Scalar
+from jaxtyping import Array, DTypeLike, Float, PyTree, Scalar
 
 
 def tree_lerp(t, x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
@@ -21,6 +21,18 @@ def tree_sub(x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
 
 def tree_scale(a, x: PyTree[Array]) -> PyTree[Array]:
     return jtu.tree_map(lambda xi: (a * xi).astype(xi.dtype), x)
+
+
+def tree_zeros_for_none(
+    cotangent: PyTree[Array | None], like: PyTree[Array]
+) -> PyTree[Array]:
+    """`cotangent` with each `None` (a symbolic zero) made zeros like `like`."""
+    return jtu.tree_map(
+        lambda c, x: jnp.zeros_like(x) if c is None else c,
+        cotangent,
+        like,
+        is_leaf=lambda c: c is None,
+    )
 
 
 def tree_dtype(x: PyTree[Array]):
@@ -40,13 +52,19 @@ def tree_size(x: PyTree[Array]) -> int:
     return sum(leaf.size for leaf in jtu.tree_leaves(x))
 
 
-def tree_max_abs(x: PyTree[Array]) -> Scalar:
-    """The largest magnitude over every element of every leaf (0 for no elements)."""
-    dtype = tree_dtype(x)
+def tree_max_abs(
+    x: PyTree[Array], *, rowwise: bool = False, dtype: DTypeLike | None = None
+) -> Float[Array, "*rows"]:
+    """The largest magnitude over every element of every leaf (0 for no elements),
+    in `dtype` (by default the leaves' common dtype). With `rowwise`, one per row of
+    the leading axis that every leaf shares."""
+    dtype = tree_dtype(x) if dtype is None else dtype
     biggest = jnp.zeros((), dtype)
     for leaf in jtu.tree_leaves(x):
         if leaf.size:
-            biggest = jnp.maximum(biggest, jnp.max(jnp.abs(leaf)).astype(dtype))
+            axes = tuple(range(1, leaf.ndim)) if rowwise else None
+            magnitude = jnp.max(jnp.abs(leaf), axis=axes).astype(dtype)
+            biggest = jnp.maximum(biggest, magnitude)
     return biggest
 
 
@@ -105,12 +123,15 @@ def ravel_rows(
 
 def check_rows(tree: PyTree[Array]) -> int:
     """The leading size that every leaf of `tree` shares, or a `ValueError`."""
-    sizes = {x.shape[0] if x.ndim else None for x in jtu.tree_leaves(tree)}
-    if len(sizes) != 1 or None in sizes:
+    sizes: set[int | None] = {
+        x.shape[0] if x.ndim else None for x in jtu.tree_leaves(tree)
+    }
+    size = sizes.pop() if len(sizes) == 1 else None
+    if size is None:
         raise ValueError(
             "`rowwise=True` treats the leading axis of every leaf of `z0` as "
             "independent rows (e.g. sequence positions), so every leaf needs the "
             f"same leading size; got shapes {[x.shape for x in jtu.tree_leaves(tree)]}."
             " Give every leaf that axis, or use `rowwise=False`."
         )
-    return sizes.pop()
+    return size

@@ -15,19 +15,7 @@ import jax.tree_util as jtu
 import numpy as np
 
 import revdeq
-
-
-def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8):
-    return eqx.tree_equal(x, y, typematch=True, rtol=rtol, atol=atol) is True
-
-
-def relative_error(x, truth) -> float:
-    """‖x − truth‖ / ‖truth‖ over all leaves, computed in float64 numpy."""
-    xs = [np.asarray(a, np.float64).ravel() for a in jtu.tree_leaves(x)]
-    ts = [np.asarray(a, np.float64).ravel() for a in jtu.tree_leaves(truth)]
-    num = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(xs, ts)))
-    den = np.sqrt(sum(np.sum(b**2) for b in ts))
-    return float(num / max(den, 1e-300))
+from revdeq.testing import TanhCell, plain_reversible_loop
 
 
 def default_float():
@@ -77,23 +65,6 @@ def finite_difference_jvp(fn, primal, tangent, eps=1e-6):
     return jtu.tree_map(lambda a, b: (a - b) / (2 * eps), fn(plus), fn(minus))
 
 
-class TanhCell(eqx.Module):
-    """`f(z, x) = tanh(W z + U x + b)`, contractive for `‖W‖ < 1`."""
-
-    weight: jax.Array
-    inject: jax.Array
-    bias: jax.Array
-
-    def __init__(self, dim, *, key, scale=0.9, dtype=jnp.float64):
-        k1, k2, k3 = jax.random.split(key, 3)
-        self.weight = (scale / jnp.sqrt(dim)) * jax.random.normal(k1, (dim, dim), dtype)
-        self.inject = jax.random.normal(k2, (dim, dim), dtype) / jnp.sqrt(dim)
-        self.bias = 0.1 * jax.random.normal(k3, (dim,), dtype)
-
-    def __call__(self, z, x):
-        return jnp.tanh(self.weight @ z + self.inject @ x + self.bias)
-
-
 class PytreeCell(eqx.Module):
     """A cell on a `{"a": (n,), "b": (2, m)}` state whose leaves interact."""
 
@@ -112,15 +83,6 @@ class PytreeCell(eqx.Module):
             "a": jnp.tanh(self.wa @ flat + x["a"]),
             "b": jnp.sin(self.wb @ flat).reshape(z["b"].shape) + x["b"],
         }
-
-
-def plain_reversible_loop(cell, z0, x, beta, steps):
-    """The reversible iteration as a plain Python loop: the autodiff truth."""
-    y, z = z0, z0
-    for _ in range(steps):
-        y = jtu.tree_map(lambda a, f: (1 - beta) * a + beta * f, y, cell(z, x))
-        z = jtu.tree_map(lambda a, f: (1 - beta) * a + beta * f, z, cell(y, x))
-    return z
 
 
 def plain_damped_loop(cell, z0, x, damping, steps):

@@ -12,16 +12,9 @@ import numpy as np
 import pytest
 
 import revdeq
+from revdeq.testing import TanhCell, plain_reversible_loop, relative_error
 
-from .helpers import (
-    TanhCell,
-    batch_grad,
-    float32_problem,
-    plain_reversible_loop,
-    relative_error,
-    run_script,
-    solve_grad,
-)
+from .helpers import batch_grad, float32_problem, run_script, solve_grad
 
 
 class _Bfloat16Cell(eqx.Module):

@@ -18,7 +18,14 @@ import revdeq
 pytestmark = pytest.mark.standard_promotion
 
 DOCS = pathlib.Path(__file__).parent.parent / "docs"
-MODULES = (revdeq, revdeq.nn, revdeq.train, revdeq.data, revdeq.internal)
+MODULES = (
+    revdeq,
+    revdeq.nn,
+    revdeq.train,
+    revdeq.data,
+    revdeq.internal,
+    revdeq.testing,
+)
 
 
 def _public_names():

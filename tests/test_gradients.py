@@ -6,18 +6,17 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import optimistix as optx
 import pytest
 
 import revdeq
+from revdeq.testing import TanhCell, plain_reversible_loop, relative_error
 
 from .helpers import (
     PytreeCell,
-    TanhCell,
     dense_implicit_gradient,
     finite_difference_jvp,
     plain_damped_loop,
-    plain_reversible_loop,
-    relative_error,
 )
 
 
@@ -311,3 +310,74 @@ def test_bounded_implicit_solve_reports_its_residual(x64, getkey):
         residuals.append(float(residual))
     assert residuals[1] < 1e-10 and errors[1] < 1e-8
     assert 1e-4 < residuals[0] <= 1 and errors[0] > 1e-4
+
+
+# optimistix's fixed-point JVP cases (its tests/test_fixed_point.py): the problems
+# `cos(c·z)` and `exp(−c·z)` on a pytree state, solved to 1e-6 by `optx.fixed_point`
+# with `optx.ImplicitAdjoint`, its JVP against a forward finite difference with
+# `ε = √eps · scale`, at its tolerances (1e-3).
+_OPTX_PROBLEMS = {
+    "cos": lambda tree, c: jtu.tree_map(lambda z: jnp.cos(c * z), tree),
+    "exponential": lambda tree, c: jtu.tree_map(lambda z: jnp.exp(-c * z), tree),
+}
+_OPTX_SOLVERS = {
+    "FixedPointIteration": revdeq.FixedPointIteration(rtol=1e-6, atol=1e-6),
+    "Anderson": revdeq.Anderson(rtol=1e-6, atol=1e-6),
+    "Broyden": revdeq.Broyden(rtol=1e-6, atol=1e-6),
+}
+
+
+def _optx_jvp(problem, solver, init, c, t_init, t_c):
+    def fixed_point(init, c):
+        return optx.fixed_point(
+            problem,
+            solver,
+            init,
+            args=c,
+            max_steps=10_000,
+            adjoint=optx.ImplicitAdjoint(),
+            throw=False,
+        ).value
+
+    # optimistix's finite difference: forward, with ε = √eps · the largest primal.
+    scale = max([1.0] + [float(jnp.max(jnp.abs(p))) for p in jtu.tree_leaves(init)])
+    eps = float(jnp.sqrt(jnp.finfo(jnp.float64).eps)) * max(scale, abs(float(c)))
+    out = fixed_point(init, c)
+    moved = fixed_point(
+        jtu.tree_map(lambda p, t: p + eps * t, init, t_init), c + eps * t_c
+    )
+    t_expected = jtu.tree_map(lambda a, b: (a - b) / eps, moved, out)
+    _, t_out = eqx.filter_jvp(fixed_point, (init, c), (t_init, t_c))
+    return t_out, t_expected
+
+
+@pytest.mark.parametrize("problem", _OPTX_PROBLEMS)
+@pytest.mark.parametrize(
+    "solver",
+    # The solvers that passed optimistix's suite as it stands run in the slow set.
+    [
+        pytest.param(name, marks=[] if name == "Broyden" else [pytest.mark.slow])
+        for name in _OPTX_SOLVERS
+    ],
+)
+@pytest.mark.parametrize("start", ["optimistix", "generic"])
+def test_optimistix_fixed_point_jvp(x64, getkey, problem, solver, start):
+    # optimistix's start is uniform, 0.5 everywhere. From it, Broyden's secant
+    # updates learn the Jacobian only along the uniform direction and converge there
+    # in 4 steps; the finite difference's tangent lies mostly across it, where the
+    # iterate moves at the plain iteration's rate (|f'| ≈ 0.67) and, at 1e-8 below
+    # the tolerance, is never seen by the stopping test. The solve's output then
+    # depends on its start by about 1e-2, so the finite difference in the start is
+    # not the fixed point's (whose derivative in the start is 0). The derivative in
+    # `c` is checked there, and the whole JVP from a generic start.
+    init = ({"a": 0.5 * jnp.ones((3, 2, 4))}, 0.5 * jnp.ones(4))
+    if start == "generic":
+        init = jtu.tree_map(lambda p: jax.random.uniform(getkey(), p.shape), init)
+    t_init = jtu.tree_map(lambda p: jax.random.normal(getkey(), p.shape), init)
+    if start == "optimistix" and solver == "Broyden":
+        t_init = jtu.tree_map(jnp.zeros_like, t_init)
+    t_c = jax.random.normal(getkey(), ())
+    t_out, t_expected = _optx_jvp(
+        _OPTX_PROBLEMS[problem], _OPTX_SOLVERS[solver], init, 1.0, t_init, t_c
+    )
+    assert bool(eqx.tree_equal(t_out, t_expected, rtol=1e-3, atol=1e-3))

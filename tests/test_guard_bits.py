@@ -13,11 +13,11 @@ import pytest
 
 import revdeq
 from revdeq._precision.fixed_point import from_grid_index, grid_index, guard, snap
+from revdeq.testing import relative_error
 
 from .helpers import (
     compiler_sensitive_cells,
     float64_loop_grad,
-    relative_error,
     residual_headroom_bits,
     run_script,
     solve_grad,

@@ -8,8 +8,7 @@ import pytest
 
 import revdeq
 import revdeq.nn as nn
-
-from .helpers import relative_error
+from revdeq.testing import relative_error
 
 
 def _cells_and_inputs(key):

@@ -9,15 +9,9 @@ import numpy as np
 import pytest
 
 import revdeq
+from revdeq.testing import TanhCell, relative_error
 
-from .helpers import (
-    TanhCell,
-    batch_grad,
-    float32_problem,
-    float64_loop_grad,
-    relative_error,
-    solve_grad,
-)
+from .helpers import batch_grad, float32_problem, float64_loop_grad, solve_grad
 
 
 pytestmark = pytest.mark.usefixtures("x64_on_and_off")

@@ -29,8 +29,7 @@ from hypothesis import (
 )
 
 import revdeq
-
-from .helpers import plain_reversible_loop, relative_error
+from revdeq.testing import plain_reversible_loop, relative_error
 
 
 settings.register_profile(

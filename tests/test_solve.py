@@ -10,15 +10,9 @@ import optimistix as optx
 import pytest
 
 import revdeq
+from revdeq.testing import TanhCell, plain_reversible_loop, relative_error
 
-from .helpers import (
-    PytreeCell,
-    TanhCell,
-    default_float,
-    plain_reversible_loop,
-    relative_error,
-    run_script,
-)
+from .helpers import PytreeCell, default_float, run_script
 
 
 pytestmark = pytest.mark.usefixtures("x64_on_and_off")

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import revdeq
+from revdeq.testing import TanhCell, plain_reversible_loop, relative_error
 
-from .helpers import PytreeCell, TanhCell, plain_reversible_loop, relative_error
+from .helpers import PytreeCell
 
 
 def _array_problem(key):
@@ -256,7 +257,7 @@ def test_unrolled_gradient_of_a_cell_without_parameters():
 @pytest.mark.parametrize("precision", [revdeq.ExactState(), revdeq.FloatState()])
 def test_unrolled_gradient_matches_plain_loop(x64, getkey, precision):
     # Against the independent truth: autodiff of a plain float64 Python loop.
-    cell = TanhCell(6, key=getkey())
+    cell = TanhCell(6, key=getkey(), dtype=jnp.float64)
     z0 = 0.3 * jax.random.normal(getkey(), (6,))
     x = jax.random.normal(getkey(), (6,))
     solver = revdeq.Reversible(beta=0.8, precision=precision, **FIXED)

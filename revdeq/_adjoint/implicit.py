@@ -2,12 +2,11 @@ from collections.abc import Callable
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array
 
 from .._iterate import iterate
-from .._tree import relative_residual, tree_sub
+from .._tree import relative_residual, tree_sub, tree_zeros_for_none
 from .base import AbstractAdjoint, report_failure
 
 
@@ -117,7 +116,7 @@ def _implicit_solve_bwd(
     del perturbed, z0, solver, loop
     linear_solver, on_residual = backward
     fn, args = fn_args
-    cotangent = _zeros_for_none(grad_obj.value, z_star)
+    cotangent = tree_zeros_for_none(grad_obj.value, z_star)
     _, vjp_z = jax.vjp(lambda z: fn(z, args), z_star)
 
     def matvec(w):
@@ -134,12 +133,3 @@ def _implicit_solve_bwd(
     _, vjp_fn_args = eqx.filter_vjp(lambda fa: fa[0](z_star, fa[1]), fn_args)
     (grad,) = vjp_fn_args(w)
     return grad
-
-
-def _zeros_for_none(cotangent, like):
-    return jax.tree.map(
-        lambda c, x: jnp.zeros_like(x) if c is None else c,
-        cotangent,
-        like,
-        is_leaf=lambda c: c is None,
-    )

@@ -11,7 +11,7 @@ from .._custom_types import Args, Fn, Y
 from .._iterate import Iteration, iterate, resolve_unroll
 from .._solution import RESULTS
 from .._solver.reversible import Reversible, ReversiblePair
-from .._tree import tree_scale
+from .._tree import tree_scale, tree_zeros_for_none
 from .base import AbstractAdjoint, report_failure
 
 
@@ -241,7 +241,8 @@ def _vjp_at(fn_args_static, diff, nondiff, batched, axis_size, unroll):
             # their parameter cotangents, and keeps them all alive. (An
             # `optimization_barrier` on `(point, grads)` does not order them.)
             tie = sum(
-                0 * jnp.sum(g.reshape(-1)[:1]).astype(jnp.float32) for g in leaves
+                (0 * jnp.sum(g.reshape(-1)[:1]).astype(jnp.float32) for g in leaves),
+                start=jnp.zeros((), jnp.float32),
             )
             point = jtu.tree_map(lambda p: p + tie.astype(p.dtype), point)
         return jax.vjp(lambda d, p: evaluate(d, p, nondiff), diff, point)
@@ -317,12 +318,7 @@ def _reversible_solve_bwd(
     final_state, num_steps = residuals
     fn, true_z0, args = fn_z0_args
     final_pair = solver.final_pair(final_state)
-    cotangent = jtu.tree_map(
-        lambda g, x: jnp.zeros_like(x) if g is None else g,
-        grad_obj.value,
-        solver.decode(final_pair.z),
-        is_leaf=lambda g: g is None,
-    )
+    cotangent = tree_zeros_for_none(grad_obj.value, solver.decode(final_pair.z))
     rebuilt, z0_grad, (fn_grad, args_grad) = reverse_pass(
         fn,
         args,
@@ -381,12 +377,20 @@ def reconstruction_error(
                                           solver=revdeq.Reversible(beta=0.9))
         ```
     """
-    loop = dict(max_steps=max_steps, unroll=resolve_unroll(unroll, solver, max_steps))
+    unrolled = resolve_unroll(unroll, solver, max_steps)
     fn = eqx.filter_closure_convert(fn, z0, args)
-    out = iterate(fn, solver, z0, args, **loop)
+    out = iterate(fn, solver, z0, args, max_steps=max_steps, unroll=unrolled)
     final_pair = solver.final_pair(out.state)
     zero = jtu.tree_map(jnp.zeros_like, out.value)
     rebuilt, _, _ = reverse_pass(
-        fn, args, solver, final_pair, out.num_steps, zero, z0, **loop
+        fn,
+        args,
+        solver,
+        final_pair,
+        out.num_steps,
+        zero,
+        z0,
+        max_steps=max_steps,
+        unroll=unrolled,
     )
     return solver.reconstruction_drift(out.state, rebuilt)

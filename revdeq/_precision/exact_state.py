@@ -10,7 +10,7 @@ from jaxtyping import Array, Float, Int, PyTree, UInt32
 
 from .._custom_types import Y
 from .._solution import RESULTS
-from .._tree import check_rows
+from .._tree import check_rows, tree_max_abs
 from .base import AbstractPrecision
 from .buffer import InformationBuffer, Radices
 from .fixed_point import (
@@ -127,7 +127,7 @@ class ExactState(AbstractPrecision):
         ```
     """
 
-    bit_exact: ClassVar[bool] = True
+    bit_exact: ClassVar[bool] = True  # pyright: ignore[reportIncompatibleVariableOverride]
 
     rowwise: bool = False
     headroom_bits: int = 6
@@ -160,8 +160,12 @@ class ExactState(AbstractPrecision):
 
         # One scale for all leaves (per row): a leaf that starts at zero may grow
         # like the rest.
+        leaves = jtu.tree_leaves((z0, fz0))
+        wide = any(jnp.dtype(x.dtype).itemsize == 8 for x in leaves)
+        dtype = jnp.float64 if wide else jnp.float32
         magnitude = jnp.maximum(
-            _max_abs(z0, self.rowwise), bound * _max_abs(fz0, self.rowwise)
+            tree_max_abs(z0, rowwise=self.rowwise, dtype=dtype),
+            bound * tree_max_abs(fz0, rowwise=self.rowwise, dtype=dtype),
         )
         tiny = jnp.finfo(magnitude.dtype).tiny  # an all-zero start
         top = jnp.ceil(jnp.log2(jnp.maximum(magnitude, tiny))).astype(jnp.int32)
@@ -264,9 +268,8 @@ class ExactState(AbstractPrecision):
     def status(self, state: PyTree[_ExactLeaf]) -> RESULTS:
         leaves = jtu.tree_leaves(state, is_leaf=_is_exact_leaf)
         lost = jnp.stack([jnp.min(s.ints) == _lost(s.ints.dtype) for s in leaves])
-        return RESULTS.where(
-            jnp.any(lost), RESULTS.state_out_of_range, RESULTS.successful
-        )
+        out_of_range, successful = RESULTS.state_out_of_range, RESULTS.successful
+        return RESULTS.where(jnp.any(lost), out_of_range, successful)  # pyright: ignore[reportArgumentType]
 
 
 def _lost(int_dtype) -> int:
@@ -277,17 +280,6 @@ def _lost(int_dtype) -> int:
     two operations shorter; the loop's own result code names a non-finite `f`.
     """
     return int(jnp.iinfo(int_dtype).min)
-
-
-def _max_abs(tree, rowwise: bool) -> Float[Array, "*rows"]:
-    """The largest magnitude over all leaves (per row of the leading axis, with
-    `rowwise`), in float64 if a leaf is float64."""
-    leaves = jtu.tree_leaves(tree)
-    wide = any(jnp.dtype(x.dtype).itemsize == 8 for x in leaves)
-    dtype = jnp.float64 if wide else jnp.float32
-    axes = (lambda x: tuple(range(1, x.ndim))) if rowwise else (lambda x: None)
-    maxima = [jnp.max(jnp.abs(x), axis=axes(x)).astype(dtype) for x in leaves]
-    return jnp.max(jnp.stack(maxima), axis=0)
 
 
 def _materialise(s: _ExactLeaf, f: Array) -> tuple[_ExactLeaf, Array]:

@@ -3,11 +3,11 @@
 from typing import ClassVar
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Int, PyTree
 
+from .._cast import check_float_dtype
 from .._custom_types import Y
 from .._solution import RESULTS
 from .base import AbstractPrecision
@@ -45,7 +45,7 @@ class FloatState(AbstractPrecision):
         ```
     """
 
-    bit_exact: ClassVar[bool] = False
+    bit_exact: ClassVar[bool] = False  # pyright: ignore[reportIncompatibleVariableOverride]
 
     dtype: jnp.dtype | None = eqx.field(
         static=True,
@@ -55,14 +55,9 @@ class FloatState(AbstractPrecision):
 
     def __check_init__(self):
         if self.dtype is not None:
-            if not jnp.issubdtype(self.dtype, jnp.floating):
-                raise ValueError(f"`dtype` must be floating, got {self.dtype}.")
-            if jnp.dtype(self.dtype).itemsize == 8 and not jax.config.jax_enable_x64:
-                raise ValueError(
-                    "`FloatState(dtype=float64)` needs "
-                    "`jax.config.update('jax_enable_x64', True)`; without x64 use "
-                    "`ExactState()`, which is exact in float32."
-                )
+            check_float_dtype(
+                "dtype", self.dtype, " Without x64, `ExactState()` is exact in float32."
+            )
 
     def representable_beta(self, beta: float) -> float:
         return beta
@@ -119,4 +114,4 @@ class FloatState(AbstractPrecision):
 
     def status(self, state: PyTree) -> RESULTS:
         del state
-        return RESULTS.successful
+        return RESULTS.successful  # pyright: ignore[reportReturnType]

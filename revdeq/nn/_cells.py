@@ -1,5 +1,7 @@
 """Equilibrium cells `f(z, x) -> z`: one example each; `jax.vmap` goes outside."""
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -136,9 +138,11 @@ class ConvCell(eqx.Module):
                     f"`groups`={groups} must divide `{name}`={value} for group norm."
                 )
         key1, key2 = jr.split(key)
-        conv = dict(kernel_size=3, padding=1, use_bias=False)
-        self.conv1 = eqx.nn.Conv2d(channels, hidden_channels, **conv, key=key1)
-        self.conv2 = eqx.nn.Conv2d(hidden_channels, channels, **conv, key=key2)
+        conv = functools.partial(
+            eqx.nn.Conv2d, kernel_size=3, padding=1, use_bias=False
+        )
+        self.conv1 = conv(channels, hidden_channels, key=key1)
+        self.conv2 = conv(hidden_channels, channels, key=key2)
         self.norm1 = eqx.nn.GroupNorm(groups, hidden_channels)
         self.norm2 = eqx.nn.GroupNorm(groups, channels)
         self.norm3 = eqx.nn.GroupNorm(groups, channels)

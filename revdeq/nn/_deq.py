@@ -1,13 +1,13 @@
+from collections.abc import Callable
 from typing import Any, Literal
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, DTypeLike, Float, PyTree
 
 from .._adjoint.base import AbstractAdjoint
-from .._cast import cast_exactly
+from .._cast import cast_exactly, check_float_dtype
 from .._solve import solve
 from .._solver.base import AbstractSolver
 
@@ -25,8 +25,8 @@ class _PolicyCell(eqx.Module):
     Being a Module, its array leaves (the cell's parameters) receive gradients.
     """
 
-    cell: eqx.Module
-    compute_dtype: Any = eqx.field(static=True)
+    cell: Callable[[Array, PyTree], Array]
+    compute_dtype: jnp.dtype | None = eqx.field(static=True)
 
     def __call__(self, z: Array, x: PyTree) -> Array:
         if self.compute_dtype is None:
@@ -79,18 +79,18 @@ class DEQ(eqx.Module):
         ```
     """
 
-    cell: eqx.Module
+    cell: Callable[[Array, PyTree], Array]
     solver: AbstractSolver
     adjoint: AbstractAdjoint
     z0: Array | None
     max_steps: int = eqx.field(static=True)
     state_shape: tuple[int, ...] = eqx.field(static=True)
-    state_dtype: Any = eqx.field(static=True)
-    compute_dtype: Any = eqx.field(static=True)
+    state_dtype: jnp.dtype = eqx.field(static=True)
+    compute_dtype: jnp.dtype | None = eqx.field(static=True)
 
     def __init__(
         self,
-        cell: eqx.Module,
+        cell: Callable[[Array, PyTree], Array],
         state_shape: tuple[int, ...],
         *,
         solver: AbstractSolver,
@@ -123,13 +123,7 @@ class DEQ(eqx.Module):
         ):
             if dtype is None:
                 continue
-            if not jnp.issubdtype(dtype, jnp.floating):
-                raise ValueError(f"`{name}` must be a floating dtype, got {dtype}.")
-            if jnp.dtype(dtype).itemsize == 8 and not jax.config.jax_enable_x64:
-                raise ValueError(
-                    f"`{name}`=float64 needs "
-                    "`jax.config.update('jax_enable_x64', True)` first."
-                )
+            check_float_dtype(name, dtype)
         self.cell = cell
         self.solver = solver
         self.adjoint = adjoint
@@ -140,7 +134,7 @@ class DEQ(eqx.Module):
         self.z0 = jnp.zeros(state_shape, state_dtype) if z0 == "learned" else None
 
     @property
-    def fn(self) -> eqx.Module:
+    def fn(self) -> Callable[[Array, PyTree], Array]:
         """The `fn(z, x)` that the solve iterates: the cell under the precision
         policy. Regularisers such as [`revdeq.nn.jacobian_frobenius_penalty`][] take
         it."""

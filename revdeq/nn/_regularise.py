@@ -1,6 +1,8 @@
 """Regularisers for equilibrium cells: Jacobian penalty, fixed-point correction and
 weight normalisation."""
 
+import functools
+import operator
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -156,7 +158,8 @@ def fixed_point_correction_loss(
     if not 0 < gamma <= 1:
         raise ValueError(f"`gamma` must lie in (0, 1], got {gamma}.")
     num = len(iterates)
-    return sum(gamma ** (num - 1 - k) * loss_fn(z) for k, z in enumerate(iterates))
+    weighted = [gamma ** (num - 1 - k) * loss_fn(z) for k, z in enumerate(iterates)]
+    return functools.reduce(operator.add, weighted)
 
 
 def _is_layer(x) -> bool:

@@ -9,6 +9,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jaxtyping import PyTree
@@ -36,7 +37,7 @@ def _checkpoints(directory: pathlib.Path) -> dict[int, pathlib.Path]:
 
 def _to_json(value: Any) -> Any:
     """Encode arrays in `extra` (PRNG keys included) as nested lists."""
-    if isinstance(value, jax.Array) and jax.dtypes.issubdtype(
+    if isinstance(value, jax.Array) and jnp.issubdtype(
         value.dtype, jax.dtypes.prng_key
     ):
         value = jax.random.key_data(value)

@@ -101,7 +101,10 @@ class DataParallel(eqx.Module):
     axis_name: str
 
     def __init__(
-        self, devices: Sequence[jax.Device] | None = None, axis_name: str = "data"
+        self,
+        # `jax.Device` is an alias of jaxlib's class, which pyright cannot resolve.
+        devices: Sequence[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm]
+        axis_name: str = "data",
     ):
         """**Arguments:**
 

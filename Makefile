@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.docs-installed
 
-.PHONY: test demo data bench lint docs notebooks package clean
+.PHONY: test demo data bench lint docs site-check notebooks package clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -52,6 +52,11 @@ $(MATHJAX)/tex-mml-chtml.js:
 # The site, into site/. Strict: a broken cross-reference fails the build.
 docs: $(DOCS_STAMP) $(MATHJAX)/tex-mml-chtml.js
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# Pages of the built site opened in headless Chromium with the network off: their
+# math renders and they request nothing (needs Debian's chromium).
+site-check: docs
+	$(PY) docs/_offline_check.py
 
 # The notebooks' sources are the percent-format .py files beside them: write each
 # .ipynb from its source, execute it in place, and format both.

@@ -7,11 +7,14 @@ constants.
 - A module constant has no docstring at run time, so inspection gives it its type's
   (`int`'s, `dict`'s). Take the one written below it in the source instead.
 - Inspection expands type aliases (jaxtyping's `PRNGKeyArray`, `DTypeLike`, our
-  `LossFn`) into what they stand for. Show the annotations as the source writes them.
+  `LossFn`) into what they stand for. Show the annotations as the source writes them,
+  except for the private aliases of `revdeq._custom_types` (`Fn`, `Y`, `Args`),
+  which are written out in the public types they stand for.
 """
 
 import functools
 import inspect
+import re
 
 import griffe
 
@@ -19,6 +22,25 @@ import griffe
 @functools.cache
 def _static(module: str) -> griffe.Module:
     return griffe.load(module, allow_inspection=False)
+
+
+@functools.cache
+def _private_aliases() -> dict[str, str]:
+    """`name -> definition` for each alias of `revdeq._custom_types`."""
+    members = _static("revdeq._custom_types").members.values()
+    written = [m for m in members if not m.is_alias and m.is_attribute]
+    return {a.name: str(a.value) for a in written if a.value is not None}
+
+
+def _public(annotation: object) -> object:
+    """`annotation` with the private aliases written out, as text, or unchanged."""
+    text, aliases = str(annotation), _private_aliases()
+    pattern = re.compile(r"\b(" + "|".join(aliases) + r")\b")
+    if not pattern.search(text):
+        return annotation
+    while pattern.search(text):
+        text = pattern.sub(lambda m: aliases[m.group(1)], text)
+    return text
 
 
 class EquinoxInit(griffe.Extension):
@@ -61,5 +83,5 @@ class WrittenAnnotations(griffe.Extension):
         for parameter in func.parameters:
             if parameter.name in written.parameters:
                 annotation = written.parameters[parameter.name].annotation
-                parameter.annotation = annotation
-        func.returns = written.returns
+                parameter.annotation = _public(annotation)
+        func.returns = _public(written.returns)

@@ -51,14 +51,11 @@ def solve(
         training.
     - `unroll`: run the solver's loop (and the reversible backward pass) as
         straight-line code rather than a `lax.while_loop`. `None` unrolls a
-        fixed-step solve (`rtol = atol = 0`) of at most 4 steps, except with
-        the bit-exact [`revdeq.ExactState`][]: on CPU, XLA compiles convolutions
-        in a loop body several times slower than in straight-line code, but
-        fuses `f` differently in the forward and backward passes of
-        straight-line code, where the exact reconstruction can drift (the
-        certificate then reports it). Compile time grows faster than the steps
-        unrolled, and an unrolled solve with tolerances still computes all
-        `max_steps` steps.
+        fixed-step solve (`rtol = atol = 0`) of at most 4 steps
+        (`revdeq.internal.UNROLL_MAX_STEPS`), with either precision: on CPU, XLA
+        runs a convolution several times faster there than in a loop body (see the
+        FAQ). Compile time grows faster than the steps unrolled, and an unrolled
+        solve with tolerances still computes all `max_steps` steps.
     - `throw`: raise on failure (non-finite values, divergence, inexact gradients);
         with `False` the failure is reported in `Solution.result` instead.
 

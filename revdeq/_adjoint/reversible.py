@@ -1,11 +1,13 @@
 import functools
 import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import Array, Float, Int, PyTree
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from .._custom_types import Args, Fn, Y
 from .._iterate import Iteration, iterate, resolve_unroll
@@ -77,8 +79,8 @@ class ReversibleAdjoint(AbstractAdjoint):
         if tolerance is None:
             dtype = jnp.result_type(*jtu.tree_leaves(z0))
             tolerance = math.sqrt(float(jnp.finfo(dtype).eps))
-        loop = (max_steps, unroll)
-        return _reversible_solve((fn, z0, args), solver, loop, tolerance, throw)
+        steps = (max_steps, unroll)
+        return _reversible_solve((fn, z0, args), solver, steps, tolerance, throw)
 
 
 def reverse_pass(
@@ -107,25 +109,43 @@ def reverse_pass(
     Returns the rebuilt initial pair, the cotangent of `z0` and that of the
     floating-point arrays of `(fn, args)`.
     """
-    dynamic, static = eqx.partition(
-        (fn, args, final_pair, num_steps, cotangent, z0), eqx.is_array
+    inputs = _ReverseInputs(
+        (fn, args), _ReverseStart(final_pair, num_steps, cotangent, z0)
     )
-
-    loop = functools.partial(_reverse_loop, solver, static, max_steps, unroll)
+    dynamic, static = eqx.partition(inputs, eqx.is_array)
+    reverse = functools.partial(_reverse_loop, solver, static, max_steps, unroll)
 
     @jax.custom_batching.custom_vmap
-    def run(dynamic):
-        return loop(dynamic, axis_size=None, batched=None)
+    def run(dynamic: _ReverseInputs) -> tuple[ReversiblePair, Y, PyTree]:
+        return reverse(dynamic, axis_size=None, batched=None)
 
     @run.def_vmap
-    def _(axis_size, in_batched, dynamic):
+    def _(
+        axis_size: int, in_batched: Sequence[_ReverseInputs], dynamic: _ReverseInputs
+    ):
         (batched,) = in_batched
-        out = loop(dynamic, axis_size, batched)
+        out = reverse(dynamic, axis_size, batched)
         pair, z0_grad, grads = out
         every = jtu.tree_map(lambda _: True, (pair, z0_grad))
-        return out, (*every, _axes(grads, batched[:2], True, False))
+        return out, (*every, _axes(grads, batched.fn_args, True, False))
 
     return run(dynamic)
+
+
+class _ReverseStart(NamedTuple):
+    """Where the reverse loop starts, and the true `z0` where it ends."""
+
+    final_pair: ReversiblePair
+    num_steps: Int[Array, ""]
+    cotangent: Y
+    z0: Y
+
+
+class _ReverseInputs(NamedTuple):
+    """What the reverse loop reads: `fn_args` is what it differentiates."""
+
+    fn_args: tuple[Fn, Args]
+    start: _ReverseStart
 
 
 def _axes(tree, batched, yes, no):
@@ -149,74 +169,93 @@ class _ReverseCarry(eqx.Module):
 
 
 def _reverse_loop(
-    solver: Reversible, static, max_steps, unroll, dynamic, axis_size, batched
-):
+    solver: Reversible,
+    static: _ReverseInputs,
+    max_steps: int,
+    unroll: bool,
+    dynamic: _ReverseInputs,
+    axis_size: int | None,
+    batched: _ReverseInputs | None,
+) -> tuple[ReversiblePair, Y, PyTree]:
     """The reverse loop, on one example (`axis_size=None`) or on a batch whose
     batched leaves are flagged in `batched`."""
-    beta = solver.relaxation
-    c = 1 - beta
-    fn_args, state_etc = dynamic[:2], dynamic[2:]
-    if axis_size is None:
+    start = dynamic.start
+    if axis_size is None or batched is None:
         lift = _identity
+        fn_args_batched = None
     else:
         # The state, step counts, cotangent and z₀ all become batched.
-        state_etc = jtu.tree_map(
+        start = jtu.tree_map(
             lambda x, b: x if b else jnp.broadcast_to(x, (axis_size, *x.shape)),
-            state_etc,
-            batched[2:],
+            start,
+            batched.start,
         )
         lift = jax.vmap
-    final_pair, num_steps, cotangent, z0 = eqx.combine(state_etc, static[2:])
-    diff, nondiff = eqx.partition(fn_args, eqx.is_inexact_array)
-    fn_args_batched = None if batched is None else batched[:2]
-    vjp_at = _vjp_at(static[:2], diff, nondiff, fn_args_batched, axis_size, unroll)
-    decode = lift(solver.decode)
-
-    def undo(step, carry: _ReverseCarry, active, first_step=False) -> _ReverseCarry:
-        """Undo forward step `step` where `active`."""
-        pair, ybar, zbar, grads = carry.pair, carry.ybar, carry.zbar, carry.grads
-        # zₙ₊₁ = c·zₙ + β·f(yₙ₊₁)
-        fy, vjp_y = vjp_at(decode(pair.y), grads)
-        rebuilt = lift(lambda p, f: solver.undo_z(p, f, step))(pair, fy)
-        dgrads, dy = vjp_y(_select(active, tree_scale(beta, zbar), None))
-        ybar = jtu.tree_map(jnp.add, ybar, dy)
-        grads = jtu.tree_map(jnp.add, grads, dgrads)
-        pair = _select(active, rebuilt, pair)
-        zbar = _select(active, tree_scale(c, zbar), zbar)
-        # yₙ₊₁ = c·yₙ + β·f(zₙ); at the first step, zₙ is the true z₀ that f saw.
-        fz, vjp_z = vjp_at(z0 if first_step else decode(pair.z), grads)
-        rebuilt = lift(lambda p, f: solver.undo_y(p, f, step))(pair, fz)
-        dgrads, dz = vjp_z(_select(active, tree_scale(beta, ybar), None))
-        zbar = jtu.tree_map(jnp.add, zbar, dz)
-        grads = jtu.tree_map(jnp.add, grads, dgrads)
-        pair = _select(active, rebuilt, pair)
-        ybar = _select(active, tree_scale(c, ybar), ybar)
-        return _ReverseCarry(pair, ybar, zbar, grads)
+        fn_args_batched = batched.fn_args
+    start = eqx.combine(start, static.start)
+    diff, nondiff = eqx.partition(dynamic.fn_args, eqx.is_inexact_array)
+    vjp_at = _vjp_at(static.fn_args, diff, nondiff, fn_args_batched, axis_size, unroll)
+    undo = functools.partial(_undo, solver, vjp_at, lift, start.z0)
 
     grads = jtu.tree_map(jnp.zeros_like, diff)
-    ybar = jtu.tree_map(jnp.zeros_like, cotangent)
-    carry = _ReverseCarry(final_pair, ybar, cotangent, grads)
+    ybar = jtu.tree_map(jnp.zeros_like, start.cotangent)
+    carry = _ReverseCarry(start.final_pair, ybar, start.cotangent, grads)
     if unroll:
         for step in range(max_steps - 1, 0, -1):
             # One carry per step, as in the loop (see `iterate`).
-            carry = jax.lax.optimization_barrier(undo(step, carry, step < num_steps))
+            active = step < start.num_steps
+            carry = jax.lax.optimization_barrier(undo(step, carry, active))
     else:
 
-        def body(k_carry):
+        def body(k_carry: tuple[Int[Array, ""], _ReverseCarry]):
             # One counter for the whole batch: sample `i` undoes step `k − 1` once
             # `k ≤ num_steps[i]`, so every sample addresses its buffers alike.
             k, carry = k_carry
             # Unbatched, the loop condition already says the step is active.
-            active = True if axis_size is None else k - 1 < num_steps
+            active = True if axis_size is None else k - 1 < start.num_steps
             return k - 1, undo(k - 1, carry, active)
 
-        init = (jnp.max(num_steps), carry)
+        init = (jnp.max(start.num_steps), carry)
         _, carry = jax.lax.while_loop(lambda k_carry: k_carry[0] > 1, body, init)
     # Every sample takes at least one step, and all end on the first: it is undone
     # last, where no select is needed to put back the true z₀.
     carry = undo(0, carry, True, first_step=True)
     z0_grad = jtu.tree_map(jnp.add, carry.ybar, carry.zbar)
     return carry.pair, z0_grad, carry.grads
+
+
+def _undo(
+    solver: Reversible,
+    vjp_at: Callable,
+    lift: Callable[[Callable], Callable],
+    z0: Y,
+    step: int | Int[Array, ""],
+    carry: _ReverseCarry,
+    active: bool | Bool[Array, "*batch"],
+    first_step: bool = False,
+) -> _ReverseCarry:
+    """Undo forward step `step` where `active`, accumulating its cotangents."""
+    beta = solver.relaxation
+    c = 1 - beta
+    decode = lift(solver.decode)
+    pair, ybar, zbar, grads = carry.pair, carry.ybar, carry.zbar, carry.grads
+    # zₙ₊₁ = c·zₙ + β·f(yₙ₊₁)
+    fy, vjp_y = vjp_at(decode(pair.y), grads)
+    rebuilt = lift(lambda p, f: solver.undo_z(p, f, step))(pair, fy)
+    dgrads, dy = vjp_y(_select(active, tree_scale(beta, zbar), None))
+    ybar = jtu.tree_map(jnp.add, ybar, dy)
+    grads = jtu.tree_map(jnp.add, grads, dgrads)
+    pair = _select(active, rebuilt, pair)
+    zbar = _select(active, tree_scale(c, zbar), zbar)
+    # yₙ₊₁ = c·yₙ + β·f(zₙ); at the first step, zₙ is the true z₀ that f saw.
+    fz, vjp_z = vjp_at(z0 if first_step else decode(pair.z), grads)
+    rebuilt = lift(lambda p, f: solver.undo_y(p, f, step))(pair, fz)
+    dgrads, dz = vjp_z(_select(active, tree_scale(beta, ybar), None))
+    zbar = jtu.tree_map(jnp.add, zbar, dz)
+    grads = jtu.tree_map(jnp.add, grads, dgrads)
+    pair = _select(active, rebuilt, pair)
+    ybar = _select(active, tree_scale(c, ybar), ybar)
+    return _ReverseCarry(pair, ybar, zbar, grads)
 
 
 def _vjp_at(fn_args_static, diff, nondiff, batched, axis_size, unroll):
@@ -296,25 +335,25 @@ _LOST = (
 
 
 @eqx.filter_custom_vjp
-def _reversible_solve(fn_z0_args, solver, loop, tolerance, throw) -> Iteration:
+def _reversible_solve(fn_z0_args, solver, steps, tolerance, throw) -> Iteration:
     fn, z0, args = fn_z0_args
-    max_steps, unroll = loop
+    max_steps, unroll = steps
     return iterate(fn, solver, z0, args, max_steps=max_steps, unroll=unroll)
 
 
 @_reversible_solve.def_fwd
-def _reversible_solve_fwd(perturbed, fn_z0_args, solver, loop, tolerance, throw):
+def _reversible_solve_fwd(perturbed, fn_z0_args, solver, steps, tolerance, throw):
     del perturbed
-    out = _reversible_solve.fn(fn_z0_args, solver, loop, tolerance, throw)
+    out = _reversible_solve.fn(fn_z0_args, solver, steps, tolerance, throw)
     return out, (out.state, out.num_steps)
 
 
 @_reversible_solve.def_bwd
 def _reversible_solve_bwd(
-    residuals, grad_obj, perturbed, fn_z0_args, solver, loop, tolerance, throw
+    residuals, grad_obj, perturbed, fn_z0_args, solver, steps, tolerance, throw
 ):
     del perturbed
-    max_steps, unroll = loop
+    max_steps, unroll = steps
     final_state, num_steps = residuals
     fn, true_z0, args = fn_z0_args
     final_pair = solver.final_pair(final_state)

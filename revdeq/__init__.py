@@ -15,7 +15,11 @@ from ._precision.float_state import FloatState as FloatState
 from ._solution import RESULTS as RESULTS, Solution as Solution
 from ._solve import solve as solve
 from ._solver.anderson import Anderson as Anderson
-from ._solver.base import AbstractSolver as AbstractSolver
+from ._solver.base import (
+    AbstractSolver as AbstractSolver,
+    AbstractSolverState as AbstractSolverState,
+    ConvergenceState as ConvergenceState,
+)
 from ._solver.broyden import Broyden as Broyden
 from ._solver.fixed_point import FixedPointIteration as FixedPointIteration
 from ._solver.reversible import Reversible as Reversible

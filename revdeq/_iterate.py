@@ -13,7 +13,7 @@ from jaxtyping import Array, Bool, Int, PyTree
 
 from ._custom_types import Args, Fn, Y
 from ._solution import RESULTS
-from ._solver.base import AbstractSolver
+from ._solver.base import AbstractSegmentedSolver, AbstractSolver
 
 
 class AuxFn(eqx.Module):
@@ -29,7 +29,7 @@ class Iteration(eqx.Module):
     """What the driver loop returns."""
 
     value: Y
-    state: PyTree
+    state: PyTree  # the solver's state: an `AbstractSolverState`
     num_steps: Int[Array, ""]
     result: RESULTS
     # Evaluations of `fn` made outside the loop, by the adjoint.
@@ -85,9 +85,9 @@ def iterate(
 ) -> Iteration:
     """Run `solver` on `fn` from `z0` until it terminates or takes `max_steps` steps.
 
-    The loop runs in segments of `solver.segment_length(max_steps)` steps; after
-    each, whatever the solver archives is stacked outside the carry and handed back
-    to it at the end (see [`revdeq.AbstractSolver`][]).
+    For an [`revdeq.internal.AbstractSegmentedSolver`][] the loop runs in segments of
+    `solver.segment_length(max_steps)` steps; after each, whatever the solver
+    archives is stacked outside the carry and handed back to it at the end.
 
     With `unroll=True` the loop is straight-line code: every step is evaluated, and
     a step after the solve has terminated leaves the carry unchanged, so the result
@@ -113,8 +113,10 @@ def iterate(
         done, result = solver.terminate(aux_fn, z, args, options, state, tags)
         return _Carry(carry.num_steps + 1, z, state, done, _with_advice(result))
 
-    if unroll:
-        final, archived = _unrolled(solver, step, init, max_steps, differentiable)
+    if isinstance(solver, AbstractSegmentedSolver) and not differentiable:
+        final, archived = _segmented(solver, step, init, max_steps, unroll)
+    elif unroll:
+        (final, _), archived = _unrolled(step, init, max_steps), None
     elif differentiable:
         final = eqxi.while_loop(
             _below(max_steps),
@@ -126,12 +128,14 @@ def iterate(
         )
         archived = None
     else:
-        final, archived = _segmented(solver, step, init, max_steps)
+        final, archived = jax.lax.while_loop(_below(max_steps), step, init), None
     result = final.result
     if not solver.fixed_steps:
         out_of_steps = RESULTS.max_steps_reached
         result = RESULTS.where(final.done, result, out_of_steps)  # pyright: ignore[reportArgumentType]
-    state, result = solver.finish(final.state, archived, result)
+    state = final.state
+    if isinstance(solver, AbstractSegmentedSolver):
+        state, result = solver.finish(state, archived, result)
     return Iteration(final.z, state, final.num_steps, result)
 
 
@@ -155,35 +159,36 @@ def _below(limit: int | Int[Array, ""]) -> Callable[[_Carry], Bool[Array, ""]]:
 
 
 def _unrolled(
-    solver: AbstractSolver,
-    step: Callable[[_Carry], _Carry],
-    init: _Carry,
-    max_steps: int,
-    differentiable: bool,
-) -> tuple[_Carry, PyTree]:
-    """The loop as straight-line code, archiving at the end of every segment."""
-    length = solver.segment_length(max_steps)
-    carry, archives = init, []
+    step: Callable[[_Carry], _Carry], init: _Carry, max_steps: int
+) -> tuple[_Carry, list[_Carry]]:
+    """The loop as straight-line code, and the carry after every step."""
+    carry, carries = init, []
     for index in range(max_steps):
         stepped = step(carry)
         carry = stepped if index == 0 else _unless(carry.done, carry, stepped)
         # One carry per step, as a loop has: fused into the next step's
         # consumers, each step would be computed again for each of them.
         carry = jax.lax.optimization_barrier(carry)
-        end_of_segment = (index + 1) % length == 0 or index + 1 == max_steps
-        if end_of_segment and not differentiable:
-            archives.append(solver.archive(carry.state))
-    return carry, (jtu.tree_map(_stack, *archives) if archives else None)
+        carries.append(carry)
+    return carry, carries
 
 
 def _segmented(
-    solver: AbstractSolver,
+    solver: AbstractSegmentedSolver,
     step: Callable[[_Carry], _Carry],
     init: _Carry,
     max_steps: int,
+    unroll: bool,
 ) -> tuple[_Carry, PyTree]:
-    """The loop as a scan over `while_loop` segments, archiving after each."""
+    """The loop in segments, and what the solver archived after each, stacked: as
+    straight-line code, or as a scan over `while_loop` segments."""
     length = solver.segment_length(max_steps)
+    if unroll:
+        final, carries = _unrolled(step, init, max_steps)
+        ends = [
+            carries[min(i + length, max_steps) - 1] for i in range(0, max_steps, length)
+        ]
+        return final, jtu.tree_map(_stack, *(solver.archive(c.state) for c in ends))
 
     def segment(carry: _Carry, index: Int[Array, ""]) -> tuple[_Carry, PyTree]:
         limit = jnp.minimum((index + 1) * length, max_steps)

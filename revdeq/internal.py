@@ -1,6 +1,6 @@
 """Public but unstable building blocks: the driver loop and its unrolling threshold, the
-reversible backward and its pair of states, and the segment protocol of a solver
-that sets nothing aside."""
+reversible backward and its pair of states, and the base of a solver whose loop
+runs in segments."""
 
 from ._adjoint.reversible import reverse_pass as reverse_pass
 from ._iterate import (
@@ -8,5 +8,5 @@ from ._iterate import (
     Iteration as Iteration,
     iterate as iterate,
 )
-from ._solver.base import Unsegmented as Unsegmented
+from ._solver.base import AbstractSegmentedSolver as AbstractSegmentedSolver
 from ._solver.reversible import ReversiblePair as ReversiblePair

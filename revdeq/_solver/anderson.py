@@ -5,22 +5,17 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
 from .._tree import ravel_rows, tree_max_abs
-from .base import (
-    AbstractSolver,
-    ConvergenceState,
-    Unsegmented,
-    no_progress,
-)
+from .base import AbstractSolver, AbstractSolverState, ConvergenceState
 
 
-class _AndersonState(eqx.Module):
+class _AndersonState(AbstractSolverState):
+    progress: ConvergenceState
     iterates: Float[Array, "history rows n"]
     residuals: Float[Array, "history rows n"]
     count: Int[Array, ""]
-    progress: ConvergenceState
 
 
-class Anderson(Unsegmented, AbstractSolver):
+class Anderson(AbstractSolver):
     """Anderson acceleration (type II) over the joint state of all pytree leaves.
 
     Keeps the last `history` pairs `(z_i, g_i = f(z_i) − z_i)` and steps to
@@ -97,7 +92,8 @@ class Anderson(Unsegmented, AbstractSolver):
         del fn, args, options, f_struct, aux_struct, tags
         rows, _ = ravel_rows(y, self.rowwise)
         empty = jnp.zeros((self.history, *rows.shape), rows.dtype)
-        return _AndersonState(empty, empty, jnp.array(0), no_progress(rows.dtype))
+        progress = ConvergenceState.initial(rows.dtype)
+        return _AndersonState(progress, empty, empty, jnp.array(0))
 
     def step(self, fn, y, args, options, state, tags):
         del options, tags
@@ -111,7 +107,7 @@ class Anderson(Unsegmented, AbstractSolver):
         alpha = _mixing_weights(residuals, valid, self.regularisation)
         new_rows = jnp.einsum("ri,irn->rn", alpha, iterates + self.damping * residuals)
         progress = self.progress(fy, y, state.progress, 1)
-        new_state = _AndersonState(iterates, residuals, state.count + 1, progress)
+        new_state = _AndersonState(progress, iterates, residuals, state.count + 1)
         return unravel(new_rows), new_state, aux
 
 

@@ -1,12 +1,12 @@
 import abc
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import optimistix as optx
-from jaxtyping import Array, Bool, Int, PyTree, Scalar
+from jaxtyping import Array, Bool, DTypeLike, Int, PyTree, Scalar
 
 from .._solution import RESULTS
 from .._tree import relative_residual, tree_sub
@@ -17,20 +17,42 @@ _DIVERGENCE_FACTOR = 1e4
 
 
 class ConvergenceState(eqx.Module):
-    """The part of every solver state that the driver reads."""
+    """The convergence record that every solver state carries as `progress`, and
+    that the driver reads. A solver starts it with `ConvergenceState.initial` and
+    updates it with [`revdeq.AbstractSolver`][]'s `progress` after each evaluation
+    of `f`.
 
-    residual: Scalar  # ‖f(z) − z‖ / ‖f(z)‖ at the last evaluated iterate
-    error: Scalar  # norm(f(z) − z) at the last evaluated iterate
-    # The smallest error so far, but not below the rounding of `f(z)` itself: noise
-    # at that level after convergence is not divergence.
+    **Attributes:**
+
+    - `residual`: `‖f(z) − z‖ / ‖f(z)‖` at the last evaluated iterate.
+    - `error`: the solver's `norm(f(z) − z)` there.
+    - `best_error`: the smallest error so far, but not below the rounding of `f(z)`
+        itself (noise at that level after convergence is not divergence).
+    - `converged`: whether the tolerances are met.
+    - `num_fn_evals`: evaluations of `f` so far.
+    """
+
+    residual: Scalar
+    error: Scalar
     best_error: Scalar
     converged: Bool[Array, ""]
     num_fn_evals: Int[Array, ""]
 
+    @classmethod
+    def initial(cls, dtype: DTypeLike) -> "ConvergenceState":
+        """The record before any evaluation: errors infinite, nothing counted."""
+        inf = jnp.array(jnp.inf, dtype)
+        return cls(inf, inf, inf, jnp.array(False), jnp.array(0))
 
-def no_progress(dtype) -> ConvergenceState:
-    inf = jnp.array(jnp.inf, dtype)
-    return ConvergenceState(inf, inf, inf, jnp.array(False), jnp.array(0))
+
+class AbstractSolverState(eqx.Module):
+    """The state of a revdeq solver: whatever it carries from step to step, with
+    its convergence record as `progress`."""
+
+    progress: eqx.AbstractVar[ConvergenceState]
+
+
+_State = TypeVar("_State", bound=AbstractSolverState)
 
 
 class AbstractSolver(optx.AbstractFixedPointSolver):
@@ -50,9 +72,10 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
     least-squares or quasi-Newton history), so differentiate them implicitly, not
     by unrolling.
 
-    Besides `init` and `step`, a solver declares how the driver segments its loop
-    (`segment_length`, `archive`, `finish`); one that sets nothing aside inherits
-    them from [`revdeq.internal.Unsegmented`][].
+    A solver implements optimistix's `init` and `step`, with a state that
+    subclasses [`revdeq.AbstractSolverState`][] (see "Writing a solver" in the
+    solvers guide). One that sets data aside as its loop runs is an
+    [`revdeq.internal.AbstractSegmentedSolver`][].
     """
 
     rtol: eqx.AbstractVar[float]
@@ -124,13 +147,22 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
     @abc.abstractmethod
     def step(self, fn, y, args, options, state, tags) -> tuple[Any, Any, Any]: ...
 
+
+class AbstractSegmentedSolver(AbstractSolver, Generic[_State]):
+    """A solver whose state grows as its loop runs, and which sets that data aside
+    rather than carry it: the driver runs its loop in segments, stacks what
+    `archive` returns at the end of each outside the loop's carry, and hands the
+    stack back to `finish`. [`revdeq.Reversible`][] is one, for the information
+    buffer of [`revdeq.ExactState`][].
+    """
+
     @abc.abstractmethod
     def segment_length(self, max_steps: int) -> int:
         """The driver runs the loop in segments of this many steps, and after each
         one stacks what `archive` sets aside from the state."""
 
     @abc.abstractmethod
-    def archive(self, state) -> PyTree:
+    def archive(self, state: _State) -> PyTree:
         """What to set aside from `state` at the end of a segment.
 
         Data that only grows, kept outside the loop's carry: under `vmap` a batched
@@ -139,32 +171,9 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
         """
 
     @abc.abstractmethod
-    def finish(self, state, archived: PyTree, result: RESULTS) -> tuple[Any, RESULTS]:
+    def finish(
+        self, state: _State, archived: PyTree, result: RESULTS
+    ) -> tuple[_State, RESULTS]:
         """The final state, given the stacked archive (`None` when the loop was not
-        segmented), and the result to report for a loop that ended with `result`."""
-
-
-class Unsegmented(eqx.Module):
-    """The segment protocol of a solver that sets nothing aside: one segment.
-
-    !!! Example
-
-        ```python
-        import revdeq
-
-
-        class Picard(revdeq.internal.Unsegmented, revdeq.AbstractSolver):
-            ...  # init, step and the convergence fields, as FixedPointIteration
-        ```
-    """
-
-    def segment_length(self, max_steps: int) -> int:
-        return max_steps
-
-    def archive(self, state) -> None:
-        del state
-        return None
-
-    def finish(self, state, archived, result):
-        del archived
-        return state, result
+        segmented, as when it is differentiated through), and the result to report
+        for a loop that ended with `result`."""

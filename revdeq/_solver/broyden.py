@@ -5,23 +5,18 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
 from .._tree import ravel_rows, tree_max_abs
-from .base import (
-    AbstractSolver,
-    ConvergenceState,
-    Unsegmented,
-    no_progress,
-)
+from .base import AbstractSolver, AbstractSolverState, ConvergenceState
 
 
-class _BroydenState(eqx.Module):
+class _BroydenState(AbstractSolverState):
+    progress: ConvergenceState
     residual: Float[Array, "rows n"]
     us: Float[Array, "history rows n"]
     vs: Float[Array, "history rows n"]
     count: Int[Array, ""]
-    progress: ConvergenceState
 
 
-class Broyden(Unsegmented, AbstractSolver):
+class Broyden(AbstractSolver):
     """Limited-memory ("good") Broyden's method on `g(z) = f(z) − z = 0`.
 
     Keeps the inverse Jacobian of `g` as `H = −I + Σ u_i v_iᵀ` with the last `history`
@@ -85,8 +80,8 @@ class Broyden(Unsegmented, AbstractSolver):
         rows_y, _ = ravel_rows(y, self.rowwise)
         rows_f, _ = ravel_rows(fy, self.rowwise)
         empty = jnp.zeros((self.history, *rows_y.shape), rows_y.dtype)
-        progress = self.progress(fy, y, no_progress(rows_y.dtype), 1)
-        return _BroydenState(rows_f - rows_y, empty, empty, jnp.array(0), progress)
+        progress = self.progress(fy, y, ConvergenceState.initial(rows_y.dtype), 1)
+        return _BroydenState(progress, rows_f - rows_y, empty, empty, jnp.array(0))
 
     def step(self, fn, y, args, options, state, tags):
         del options, tags
@@ -110,11 +105,11 @@ class Broyden(Unsegmented, AbstractSolver):
         slot = state.count % self.history
         progress = self.progress(fy, new_y, state.progress, 1)
         new_state = _BroydenState(
+            progress,
             new_g,
             state.us.at[slot].set(u),
             state.vs.at[slot].set(jnp.where(ok, v, 0)),
             state.count + 1,
-            progress,
         )
         return new_y, new_state, aux
 

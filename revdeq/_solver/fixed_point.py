@@ -4,19 +4,14 @@ import equinox as eqx
 from jaxtyping import PyTree, Scalar
 
 from .._tree import tree_dtype, tree_lerp, tree_max_abs
-from .base import (
-    AbstractSolver,
-    ConvergenceState,
-    Unsegmented,
-    no_progress,
-)
+from .base import AbstractSolver, AbstractSolverState, ConvergenceState
 
 
-class _FixedPointState(eqx.Module):
+class _FixedPointState(AbstractSolverState):
     progress: ConvergenceState
 
 
-class FixedPointIteration(Unsegmented, AbstractSolver):
+class FixedPointIteration(AbstractSolver):
     """Damped fixed-point iteration `z ← (1 − damping) z + damping f(z)`.
 
     One evaluation of `f` per step. Simple and robust for contractive cells; prefer
@@ -53,7 +48,7 @@ class FixedPointIteration(Unsegmented, AbstractSolver):
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         del fn, args, options, f_struct, aux_struct, tags
-        return _FixedPointState(no_progress(tree_dtype(y)))
+        return _FixedPointState(ConvergenceState.initial(tree_dtype(y)))
 
     def step(self, fn, y, args, options, state, tags):
         del options, tags

@@ -8,7 +8,7 @@ from .._precision.base import AbstractPrecision
 from .._precision.exact_state import ExactState
 from .._solution import RESULTS
 from .._tree import tree_dtype, tree_max_abs, tree_rms, tree_sub
-from .base import AbstractSolver, ConvergenceState, no_progress
+from .base import AbstractSegmentedSolver, AbstractSolverState, ConvergenceState
 
 
 class ReversiblePair(eqx.Module):
@@ -19,16 +19,16 @@ class ReversiblePair(eqx.Module):
     z: PyTree
 
 
-class _ReversibleState(eqx.Module):
+class _ReversibleState(AbstractSolverState):
+    progress: ConvergenceState
     pair: ReversiblePair
     fz: PyTree
     # The encoded z₀, against which the certificate checks the rebuilt one.
     start: PyTree
     num_steps: Int[Array, ""]
-    progress: ConvergenceState
 
 
-class Reversible(AbstractSolver):
+class Reversible(AbstractSegmentedSolver[_ReversibleState]):
     """The reversible fixed-point iteration of RevDEQs.
 
     With state `(y, z)`, `y₀ = z₀` and `c = 1 − β`, one step is
@@ -111,9 +111,9 @@ class Reversible(AbstractSolver):
         # The first step uses f at the true z₀; the backward pass evaluates f there
         # too. The certificate compares against the encoded z₀.
         start = self.precision.decode(state)
-        progress = self.progress(fz0, y, no_progress(tree_dtype(y)), 1)
+        progress = self.progress(fz0, y, ConvergenceState.initial(tree_dtype(y)), 1)
         pair = ReversiblePair(state, state)
-        return _ReversibleState(pair, fz0, start, jnp.array(0), progress)
+        return _ReversibleState(progress, pair, fz0, start, jnp.array(0))
 
     def step(self, fn, y, args, options, state, tags):
         del y, options, tags
@@ -125,7 +125,7 @@ class Reversible(AbstractSolver):
         fz, aux = fn(z, args)
         progress = self.progress(fz, z, state.progress, 2)
         pair = ReversiblePair(ys, zs)
-        return z, _ReversibleState(pair, fz, state.start, step + 1, progress), aux
+        return z, _ReversibleState(progress, pair, fz, state.start, step + 1), aux
 
     # The inverse of `step`, half by half, for a backward pass that evaluates `f`
     # itself (in VJPs): first `undo_z` with `f` at `pair.y`, then `undo_y` with `f`

@@ -53,7 +53,9 @@ def cast_exactly(x: ArrayLike, dtype: jnp.dtype | type) -> Array:
 
 
 @cast_exactly.defjvp
-def _cast_exactly_jvp(dtype, primals, tangents):
+def _cast_exactly_jvp(
+    dtype: jnp.dtype | type, primals: tuple[Array], tangents: tuple[Array]
+) -> tuple[Array, Array]:
     (x,), (t,) = primals, tangents
     return cast_exactly(x, dtype), t.astype(dtype)
 

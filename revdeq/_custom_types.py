@@ -12,3 +12,7 @@ Args: TypeAlias = PyTree[Any]
 
 Fn: TypeAlias = Callable[[Y, Args], Y]
 """A cell `fn(z, args) -> z`."""
+
+SolverFn: TypeAlias = Callable[[Y, Args], tuple[Y, Any]]
+"""A cell in optimistix's convention, `fn(z, args) -> (z, aux)`, as a solver's
+`init` and `step` receive it."""

@@ -2,6 +2,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+from jaxtyping import PyTree
 
 from ._adjoint.base import AbstractAdjoint
 from ._adjoint.implicit import ImplicitAdjoint
@@ -106,7 +107,7 @@ def solve(
     return Solution(value, result, stats)
 
 
-def _check_state(z0) -> None:
+def _check_state(z0: Y) -> None:
     leaves = jtu.tree_leaves(z0)
     if not leaves:
         raise ValueError("`z0` must contain at least one array.")
@@ -126,7 +127,7 @@ def _check_state(z0) -> None:
             )
 
 
-def _check_output(out_struct, z0) -> None:
+def _check_output(out_struct: PyTree[jax.ShapeDtypeStruct], z0: Y) -> None:
     expected = jax.eval_shape(lambda: z0)
     if jtu.tree_structure(out_struct) != jtu.tree_structure(expected):
         raise ValueError(

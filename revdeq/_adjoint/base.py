@@ -2,11 +2,12 @@ import abc
 import functools
 import warnings
 from collections.abc import Sequence
+from typing import TypeVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array
+from jaxtyping import Array, Bool, Int
 
 from .._custom_types import Args, Fn, Y
 from .._iterate import Iteration
@@ -38,7 +39,10 @@ class AbstractAdjoint(eqx.Module):
         """
 
 
-def report_failure(value, failures: Sequence[tuple[Array, str]], throw: bool):
+_T = TypeVar("_T")
+
+
+def report_failure(value: _T, failures: Sequence[tuple[Array, str]], throw: bool) -> _T:
     """For the first `(failed, message)` of `failures` that failed, raise `message`
     under `throw`, else warn at run time.
 
@@ -55,6 +59,8 @@ def report_failure(value, failures: Sequence[tuple[Array, str]], throw: bool):
     return value
 
 
-def _warn_if(messages, failed, index):
+def _warn_if(
+    messages: tuple[str, ...], failed: Bool[Array, " n"], index: Int[Array, ""]
+) -> None:
     if failed.any():
         warnings.warn(messages[int(index)], RuntimeWarning, stacklevel=2)

@@ -1,11 +1,14 @@
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
 import lineax as lx
-from jaxtyping import Array
+from jaxtyping import Array, PyTree
 
-from .._iterate import iterate
+from .._custom_types import Args, Fn, Y
+from .._iterate import Iteration, iterate
+from .._solver.base import AbstractSolver
 from .._tree import relative_residual, tree_sub, tree_zeros_for_none
 from .base import AbstractAdjoint, report_failure
 
@@ -87,39 +90,72 @@ class ImplicitAdjoint(AbstractAdjoint):
     )
     on_residual: Callable[[Array], None] | None = eqx.field(default=None, static=True)
 
-    def apply(self, fn, solver, z0, args, *, max_steps, unroll, throw):
+    def apply(
+        self,
+        fn: Fn,
+        solver: AbstractSolver,
+        z0: Y,
+        args: Args,
+        *,
+        max_steps: int,
+        unroll: bool,
+        throw: bool,
+    ) -> Iteration:
         # The fixed point does not depend on where the solve started.
         z0 = jax.lax.stop_gradient(z0)
-        loop = (max_steps, unroll)
+        steps = (max_steps, unroll)
         backward = (self.linear_solver, self.on_residual)
-        return _implicit_solve((fn, args), z0, solver, loop, backward, throw)
+        return _implicit_solve((fn, args), z0, solver, steps, backward, throw)
 
 
 @eqx.filter_custom_vjp
-def _implicit_solve(fn_args, z0, solver, loop, backward, throw):
+def _implicit_solve(
+    fn_args: tuple[Fn, Args],
+    z0: Y,
+    solver: AbstractSolver,
+    steps: tuple[int, bool],
+    backward: tuple[lx.AbstractLinearSolver, Callable[[Array], None] | None],
+    throw: bool,
+) -> Iteration:
     fn, args = fn_args
-    max_steps, unroll = loop
+    max_steps, unroll = steps
     return iterate(fn, solver, z0, args, max_steps=max_steps, unroll=unroll)
 
 
 @_implicit_solve.def_fwd
-def _implicit_solve_fwd(perturbed, fn_args, z0, solver, loop, backward, throw):
+def _implicit_solve_fwd(
+    perturbed: Any,
+    fn_args: tuple[Fn, Args],
+    z0: Y,
+    solver: AbstractSolver,
+    steps: tuple[int, bool],
+    backward: tuple[lx.AbstractLinearSolver, Callable[[Array], None] | None],
+    throw: bool,
+) -> tuple[Iteration, Y]:
     del perturbed
-    out = _implicit_solve.fn(fn_args, z0, solver, loop, backward, throw)
+    out = _implicit_solve.fn(fn_args, z0, solver, steps, backward, throw)
     return out, out.value
 
 
 @_implicit_solve.def_bwd
 def _implicit_solve_bwd(
-    z_star, grad_obj, perturbed, fn_args, z0, solver, loop, backward, throw
-):
-    del perturbed, z0, solver, loop
+    z_star: Y,
+    grad_obj: Any,
+    perturbed: Any,
+    fn_args: tuple[Fn, Args],
+    z0: Y,
+    solver: AbstractSolver,
+    steps: tuple[int, bool],
+    backward: tuple[lx.AbstractLinearSolver, Callable[[Array], None] | None],
+    throw: bool,
+) -> PyTree:
+    del perturbed, z0, solver, steps
     linear_solver, on_residual = backward
     fn, args = fn_args
     cotangent = tree_zeros_for_none(grad_obj.value, z_star)
     _, vjp_z = jax.vjp(lambda z: fn(z, args), z_star)
 
-    def matvec(w):
+    def matvec(w: Y) -> Y:
         return tree_sub(w, vjp_z(w)[0])
 
     operator = lx.FunctionLinearOperator(matvec, jax.eval_shape(lambda: z_star))

@@ -1,6 +1,8 @@
 import equinox as eqx
 
+from .._custom_types import Args, Fn, Y
 from .._iterate import Iteration, iterate
+from .._solver.base import AbstractSolver
 from .._tree import tree_lerp, tree_stop_gradient
 from .base import AbstractAdjoint
 
@@ -61,13 +63,23 @@ class PhantomAdjoint(AbstractAdjoint):
     steps: int = 1
     damping: float = eqx.field(converter=float, default=1.0)
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"`steps` must be >= 1, got {self.steps}.")
         if not 0 < self.damping <= 1:
             raise ValueError(f"`damping` must lie in (0, 1], got {self.damping}.")
 
-    def apply(self, fn, solver, z0, args, *, max_steps, unroll, throw):
+    def apply(
+        self,
+        fn: Fn,
+        solver: AbstractSolver,
+        z0: Y,
+        args: Args,
+        *,
+        max_steps: int,
+        unroll: bool,
+        throw: bool,
+    ) -> Iteration:
         del throw
         solved = iterate(
             *tree_stop_gradient((fn, solver, z0, args)),

@@ -1,7 +1,7 @@
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import equinox as eqx
 import jax
@@ -12,6 +12,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 from .._custom_types import Args, Fn, Y
 from .._iterate import Iteration, iterate, resolve_unroll
 from .._solution import RESULTS
+from .._solver.base import AbstractSolver
 from .._solver.reversible import Reversible, ReversiblePair
 from .._tree import tree_scale, tree_zeros_for_none
 from .base import AbstractAdjoint, report_failure
@@ -68,7 +69,17 @@ class ReversibleAdjoint(AbstractAdjoint):
 
     drift_tolerance: float | None = None
 
-    def apply(self, fn, solver, z0, args, *, max_steps, unroll, throw):
+    def apply(
+        self,
+        fn: Fn,
+        solver: AbstractSolver,
+        z0: Y,
+        args: Args,
+        *,
+        max_steps: int,
+        unroll: bool,
+        throw: bool,
+    ) -> Iteration:
         if not isinstance(solver, Reversible):
             raise ValueError(
                 "`ReversibleAdjoint` needs `solver=revdeq.Reversible(...)`, got "
@@ -148,7 +159,10 @@ class _ReverseInputs(NamedTuple):
     start: _ReverseStart
 
 
-def _axes(tree, batched, yes, no):
+_A = TypeVar("_A")
+
+
+def _axes(tree: PyTree, batched: PyTree[bool], yes: _A, no: _A) -> PyTree[_A | None]:
     """`yes` at the leaves of `tree` whose input was batched, `no` elsewhere, and
     `None` where `tree` has no leaf."""
     return jtu.tree_map(
@@ -231,38 +245,63 @@ def _undo(
     z0: Y,
     step: int | Int[Array, ""],
     carry: _ReverseCarry,
-    active: bool | Bool[Array, "*batch"],
+    active: Literal[True] | Bool[Array, "*batch"],
     first_step: bool = False,
 ) -> _ReverseCarry:
     """Undo forward step `step` where `active`, accumulating its cotangents."""
     beta = solver.relaxation
-    c = 1 - beta
     decode = lift(solver.decode)
     pair, ybar, zbar, grads = carry.pair, carry.ybar, carry.zbar, carry.grads
     # zₙ₊₁ = c·zₙ + β·f(yₙ₊₁)
-    fy, vjp_y = vjp_at(decode(pair.y), grads)
-    rebuilt = lift(lambda p, f: solver.undo_z(p, f, step))(pair, fy)
-    dgrads, dy = vjp_y(_select(active, tree_scale(beta, zbar), None))
-    ybar = jtu.tree_map(jnp.add, ybar, dy)
-    grads = jtu.tree_map(jnp.add, grads, dgrads)
-    pair = _select(active, rebuilt, pair)
-    zbar = _select(active, tree_scale(c, zbar), zbar)
+    undo_z = lift(lambda p, f: solver.undo_z(p, f, step))
+    half = _undo_half(
+        vjp_at, undo_z, decode(pair.y), pair, grads, zbar, ybar, active, beta
+    )
+    pair, grads, zbar, ybar = half
     # yₙ₊₁ = c·yₙ + β·f(zₙ); at the first step, zₙ is the true z₀ that f saw.
-    fz, vjp_z = vjp_at(z0 if first_step else decode(pair.z), grads)
-    rebuilt = lift(lambda p, f: solver.undo_y(p, f, step))(pair, fz)
-    dgrads, dz = vjp_z(_select(active, tree_scale(beta, ybar), None))
-    zbar = jtu.tree_map(jnp.add, zbar, dz)
-    grads = jtu.tree_map(jnp.add, grads, dgrads)
-    pair = _select(active, rebuilt, pair)
-    ybar = _select(active, tree_scale(c, ybar), ybar)
+    undo_y = lift(lambda p, f: solver.undo_y(p, f, step))
+    point = z0 if first_step else decode(pair.z)
+    half = _undo_half(vjp_at, undo_y, point, pair, grads, ybar, zbar, active, beta)
+    pair, grads, ybar, zbar = half
     return _ReverseCarry(pair, ybar, zbar, grads)
 
 
-def _vjp_at(fn_args_static, diff, nondiff, batched, axis_size, unroll):
+def _undo_half(
+    vjp_at: Callable,
+    undo: Callable[[ReversiblePair, Y], ReversiblePair],
+    point: Y,
+    pair: ReversiblePair,
+    grads: PyTree,
+    bar: Y,
+    other_bar: Y,
+    active: Literal[True] | Bool[Array, "*batch"],
+    beta: float,
+) -> tuple[ReversiblePair, PyTree, Y, Y]:
+    """Undo the half-step `s ← (1 − β)·s + β·f(point)` where `active`: `f(point)`
+    rebuilds the pair by `undo`, and the cotangent `bar` of `s` flows through `f`
+    into the parameters' `grads` and the cotangent `other_bar` of `point`."""
+    f, vjp = vjp_at(point, grads)
+    rebuilt = undo(pair, f)
+    dgrads, dpoint = vjp(_select(active, tree_scale(beta, bar), None))
+    other_bar = jtu.tree_map(jnp.add, other_bar, dpoint)
+    grads = jtu.tree_map(jnp.add, grads, dgrads)
+    pair = _select(active, rebuilt, pair)
+    bar = _select(active, tree_scale(1 - beta, bar), bar)
+    return pair, grads, bar, other_bar
+
+
+def _vjp_at(
+    fn_args_static: tuple[Fn, Args],
+    diff: PyTree,
+    nondiff: PyTree,
+    batched: PyTree[bool] | None,
+    axis_size: int | None,
+    unroll: bool,
+) -> Callable[[Y, PyTree], tuple[Y, Callable]]:
     """`vjp_at(point, grads)`: `f(point)` and its VJP in `(diff, point)`, batched
     like the reverse loop."""
 
-    def apply(diff, point, nondiff):
+    def apply(diff: PyTree, point: Y, nondiff: PyTree) -> Y:
         fn, args = eqx.combine(diff, nondiff, fn_args_static)
         return fn(point, args)
 
@@ -272,7 +311,7 @@ def _vjp_at(fn_args_static, diff, nondiff, batched, axis_size, unroll):
         in_axes = (_axes(diff, batched, 0, None), 0, _axes(nondiff, batched, 0, None))
         evaluate = jax.vmap(apply, in_axes=in_axes)
 
-    def vjp_at(point, grads):
+    def vjp_at(point: Y, grads: PyTree) -> tuple[Y, Callable]:
         leaves = jtu.tree_leaves(grads)
         if unroll and leaves:
             # Straight-line code has no loop to order the steps: without this
@@ -289,11 +328,15 @@ def _vjp_at(fn_args_static, diff, nondiff, batched, axis_size, unroll):
     return vjp_at
 
 
-def _identity(f):
+def _identity(f: Callable) -> Callable:
     return f
 
 
-def _select(pred, on_true, on_false):
+def _select(
+    pred: Literal[True] | Bool[Array, "*batch"],
+    on_true: PyTree,
+    on_false: PyTree | None,
+) -> PyTree:
     """`on_true` where `pred`, else `on_false` (`None` means zeros): per sample along
     the leading axis for a batched `pred`. A Python `True` (an always-active step)
     selects without work."""
@@ -302,7 +345,7 @@ def _select(pred, on_true, on_false):
     if on_false is None:
         on_false = jtu.tree_map(jnp.zeros_like, on_true)
 
-    def leaf(t, f):
+    def leaf(t: Array, f: Array) -> Array:
         mask = pred.reshape(pred.shape + (1,) * (t.ndim - pred.ndim))
         return jnp.where(mask, t, f)
 
@@ -335,14 +378,27 @@ _LOST = (
 
 
 @eqx.filter_custom_vjp
-def _reversible_solve(fn_z0_args, solver, steps, tolerance, throw) -> Iteration:
+def _reversible_solve(
+    fn_z0_args: tuple[Fn, Y, Args],
+    solver: Reversible,
+    steps: tuple[int, bool],
+    tolerance: float,
+    throw: bool,
+) -> Iteration:
     fn, z0, args = fn_z0_args
     max_steps, unroll = steps
     return iterate(fn, solver, z0, args, max_steps=max_steps, unroll=unroll)
 
 
 @_reversible_solve.def_fwd
-def _reversible_solve_fwd(perturbed, fn_z0_args, solver, steps, tolerance, throw):
+def _reversible_solve_fwd(
+    perturbed: Any,
+    fn_z0_args: tuple[Fn, Y, Args],
+    solver: Reversible,
+    steps: tuple[int, bool],
+    tolerance: float,
+    throw: bool,
+) -> tuple[Iteration, tuple[PyTree, Int[Array, ""]]]:
     del perturbed
     out = _reversible_solve.fn(fn_z0_args, solver, steps, tolerance, throw)
     return out, (out.state, out.num_steps)
@@ -350,8 +406,15 @@ def _reversible_solve_fwd(perturbed, fn_z0_args, solver, steps, tolerance, throw
 
 @_reversible_solve.def_bwd
 def _reversible_solve_bwd(
-    residuals, grad_obj, perturbed, fn_z0_args, solver, steps, tolerance, throw
-):
+    residuals: tuple[PyTree, Int[Array, ""]],
+    grad_obj: Any,
+    perturbed: Any,
+    fn_z0_args: tuple[Fn, Y, Args],
+    solver: Reversible,
+    steps: tuple[int, bool],
+    tolerance: float,
+    throw: bool,
+) -> tuple[PyTree, Y, PyTree]:
     del perturbed
     max_steps, unroll = steps
     final_state, num_steps = residuals

@@ -1,4 +1,6 @@
-from .._iterate import iterate
+from .._custom_types import Args, Fn, Y
+from .._iterate import Iteration, iterate
+from .._solver.base import AbstractSolver
 from .base import AbstractAdjoint
 
 
@@ -35,7 +37,17 @@ class UnrolledAdjoint(AbstractAdjoint):
 
     checkpoints: int | None = None
 
-    def apply(self, fn, solver, z0, args, *, max_steps, unroll, throw):
+    def apply(
+        self,
+        fn: Fn,
+        solver: AbstractSolver,
+        z0: Y,
+        args: Args,
+        *,
+        max_steps: int,
+        unroll: bool,
+        throw: bool,
+    ) -> Iteration:
         del throw
         return iterate(
             fn,

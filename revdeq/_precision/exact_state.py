@@ -133,7 +133,7 @@ class ExactState(AbstractPrecision):
     headroom_bits: int = 6
     guard_bits: int = 4
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         if not 0 <= self.headroom_bits <= 16:
             raise ValueError(
                 f"`headroom_bits` must lie in [0, 16], got {self.headroom_bits}."
@@ -272,7 +272,7 @@ class ExactState(AbstractPrecision):
         return RESULTS.where(jnp.any(lost), out_of_range, successful)  # pyright: ignore[reportArgumentType]
 
 
-def _lost(int_dtype) -> int:
+def _lost(int_dtype: jnp.dtype) -> int:
     """The value of a state that left its range or met a non-finite `f`: the lowest
     integer, far below every valid state (within `±2^bits`).
 
@@ -306,7 +306,9 @@ def _straight_through(exact: Array, linear: Array) -> Array:
 
 
 @_straight_through.defjvp
-def _straight_through_jvp(primals, tangents):
+def _straight_through_jvp(
+    primals: tuple[Array, Array], tangents: tuple[Array, Array]
+) -> tuple[Array, Array]:
     exact, _ = primals
     _, linear_dot = tangents
     return exact, linear_dot

@@ -53,7 +53,7 @@ class FloatState(AbstractPrecision):
         converter=lambda d: None if d is None else jnp.dtype(d),
     )
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         if self.dtype is not None:
             check_float_dtype(
                 "dtype", self.dtype, " Without x64, `ExactState()` is exact in float32."

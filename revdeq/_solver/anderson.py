@@ -1,9 +1,12 @@
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
+from .._custom_types import Args, SolverFn, Y
 from .._tree import ravel_rows, tree_max_abs
 from .base import AbstractSolver, AbstractSolverState, ConvergenceState
 
@@ -15,7 +18,7 @@ class _AndersonState(AbstractSolverState):
     count: Int[Array, ""]
 
 
-class Anderson(AbstractSolver):
+class Anderson(AbstractSolver[_AndersonState]):
     """Anderson acceleration (type II) over the joint state of all pytree leaves.
 
     Keeps the last `history` pairs `(z_i, g_i = f(z_i) − z_i)` and steps to
@@ -78,7 +81,7 @@ class Anderson(AbstractSolver):
     norm: Callable[[PyTree], Scalar] = tree_max_abs
     rowwise: bool = False
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         if self.history < 1:
             raise ValueError(f"`history` must be >= 1, got {self.history}.")
         if not 0 < self.damping < 2:
@@ -88,14 +91,31 @@ class Anderson(AbstractSolver):
                 f"`regularisation` must be >= 0, got {self.regularisation}."
             )
 
-    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+    def init(
+        self,
+        fn: SolverFn,
+        y: Y,
+        args: Args,
+        options: dict[str, Any],
+        f_struct: PyTree[jax.ShapeDtypeStruct],
+        aux_struct: PyTree[jax.ShapeDtypeStruct],
+        tags: frozenset[object],
+    ) -> _AndersonState:
         del fn, args, options, f_struct, aux_struct, tags
         rows, _ = ravel_rows(y, self.rowwise)
         empty = jnp.zeros((self.history, *rows.shape), rows.dtype)
         progress = ConvergenceState.initial(rows.dtype)
         return _AndersonState(progress, empty, empty, jnp.array(0))
 
-    def step(self, fn, y, args, options, state, tags):
+    def step(
+        self,
+        fn: SolverFn,
+        y: Y,
+        args: Args,
+        options: dict[str, Any],
+        state: _AndersonState,
+        tags: frozenset[object],
+    ) -> tuple[Y, _AndersonState, Any]:
         del options, tags
         fy, aux = fn(y, args)
         rows_y, unravel = ravel_rows(y, self.rowwise)

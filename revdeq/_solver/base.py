@@ -3,11 +3,13 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, Bool, DTypeLike, Int, PyTree, Scalar
 
+from .._custom_types import Args, SolverFn, Y
 from .._solution import RESULTS
 from .._tree import relative_residual, tree_sub
 
@@ -55,7 +57,7 @@ class AbstractSolverState(eqx.Module):
 _State = TypeVar("_State", bound=AbstractSolverState)
 
 
-class AbstractSolver(optx.AbstractFixedPointSolver):
+class AbstractSolver(optx.AbstractFixedPointSolver, Generic[_State]):
     """Base of the forward solvers: an `optimistix.AbstractFixedPointSolver` whose
     state carries a `ConvergenceState` as `.progress`.
 
@@ -82,7 +84,7 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
     atol: eqx.AbstractVar[float]
     norm: eqx.AbstractVar[Callable[[PyTree], Scalar]]
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         # Equinox calls it for every solver, beside each subclass's own check.
         if self.rtol < 0:
             raise ValueError(f"`rtol` must be >= 0, got {self.rtol}.")
@@ -96,9 +98,10 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
         return self.rtol == 0 and self.atol == 0
 
     def progress(
-        self, fz, z, previous: ConvergenceState, new_evals
+        self, fz: Y, z: Y, previous: ConvergenceState, new_evals: int
     ) -> ConvergenceState:
-        """Convergence bookkeeping for the iterate `z` whose image `fz` is known."""
+        """The convergence record `previous`, updated for the iterate `z` whose
+        image `fz` was just computed with `new_evals` evaluations of `f`."""
         difference = tree_sub(fz, z)
         error = self.norm(difference)
         rounding = jnp.finfo(error.dtype).eps * self.norm(fz)
@@ -110,7 +113,7 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
             previous.num_fn_evals + new_evals,
         )
 
-    def _converged(self, difference, fz) -> Bool[Array, ""]:
+    def _converged(self, difference: Y, fz: Y) -> Bool[Array, ""]:
         if self.fixed_steps:
             return jnp.array(False)
 
@@ -123,7 +126,15 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
 
         return self.norm(jtu.tree_map(scaled, difference, fz)) < 1
 
-    def terminate(self, fn, y, args, options, state, tags):
+    def terminate(
+        self,
+        fn: SolverFn,
+        y: Y,
+        args: Args,
+        options: dict[str, Any],
+        state: AbstractSolverState,
+        tags: frozenset[object],
+    ) -> tuple[Bool[Array, ""], optx.RESULTS]:
         del fn, y, args, options, tags
         p = state.progress
         finite = jnp.isfinite(p.error) | (p.num_fn_evals == 0)
@@ -137,18 +148,45 @@ class AbstractSolver(optx.AbstractFixedPointSolver):
         )
         return p.converged | ~finite | diverged, result
 
-    def postprocess(self, fn, y, aux, args, options, state, tags, result):
+    def postprocess(
+        self,
+        fn: SolverFn,
+        y: Y,
+        aux: Any,
+        args: Args,
+        options: dict[str, Any],
+        state: AbstractSolverState,
+        tags: frozenset[object],
+        result: optx.RESULTS,
+    ) -> tuple[Y, Any, dict[str, Any]]:
         del fn, args, options, state, tags, result
         return y, aux, {}
 
     @abc.abstractmethod
-    def init(self, fn, y, args, options, f_struct, aux_struct, tags) -> Any: ...
+    def init(
+        self,
+        fn: SolverFn,
+        y: Y,
+        args: Args,
+        options: dict[str, Any],
+        f_struct: PyTree[jax.ShapeDtypeStruct],
+        aux_struct: PyTree[jax.ShapeDtypeStruct],
+        tags: frozenset[object],
+    ) -> _State: ...
 
     @abc.abstractmethod
-    def step(self, fn, y, args, options, state, tags) -> tuple[Any, Any, Any]: ...
+    def step(
+        self,
+        fn: SolverFn,
+        y: Y,
+        args: Args,
+        options: dict[str, Any],
+        state: _State,
+        tags: frozenset[object],
+    ) -> tuple[Y, _State, Any]: ...
 
 
-class AbstractSegmentedSolver(AbstractSolver, Generic[_State]):
+class AbstractSegmentedSolver(AbstractSolver[_State]):
     """A solver whose state grows as its loop runs, and which sets that data aside
     rather than carry it: the driver runs its loop in segments, stacks what
     `archive` returns at the end of each outside the loop's carry, and hands the

@@ -1,9 +1,12 @@
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
+from .._custom_types import Args, SolverFn, Y
 from .._tree import ravel_rows, tree_max_abs
 from .base import AbstractSolver, AbstractSolverState, ConvergenceState
 
@@ -16,7 +19,7 @@ class _BroydenState(AbstractSolverState):
     count: Int[Array, ""]
 
 
-class Broyden(AbstractSolver):
+class Broyden(AbstractSolver[_BroydenState]):
     """Limited-memory ("good") Broyden's method on `g(z) = f(z) − z = 0`.
 
     Keeps the inverse Jacobian of `g` as `H = −I + Σ u_i v_iᵀ` with the last `history`
@@ -70,11 +73,20 @@ class Broyden(AbstractSolver):
     norm: Callable[[PyTree], Scalar] = tree_max_abs
     rowwise: bool = False
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         if self.history < 1:
             raise ValueError(f"`history` must be >= 1, got {self.history}.")
 
-    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+    def init(
+        self,
+        fn: SolverFn,
+        y: Y,
+        args: Args,
+        options: dict[str, Any],
+        f_struct: PyTree[jax.ShapeDtypeStruct],
+        aux_struct: PyTree[jax.ShapeDtypeStruct],
+        tags: frozenset[object],
+    ) -> _BroydenState:
         del options, f_struct, aux_struct, tags
         fy, _ = fn(y, args)
         rows_y, _ = ravel_rows(y, self.rowwise)
@@ -83,7 +95,15 @@ class Broyden(AbstractSolver):
         progress = self.progress(fy, y, ConvergenceState.initial(rows_y.dtype), 1)
         return _BroydenState(progress, rows_f - rows_y, empty, empty, jnp.array(0))
 
-    def step(self, fn, y, args, options, state, tags):
+    def step(
+        self,
+        fn: SolverFn,
+        y: Y,
+        args: Args,
+        options: dict[str, Any],
+        state: _BroydenState,
+        tags: frozenset[object],
+    ) -> tuple[Y, _BroydenState, Any]:
         del options, tags
         rows_y, unravel = ravel_rows(y, self.rowwise)
         g = state.residual

@@ -1,9 +1,12 @@
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
+from .._custom_types import Args, SolverFn, Y
 from .._precision.base import AbstractPrecision
 from .._precision.exact_state import ExactState
 from .._solution import RESULTS
@@ -88,7 +91,7 @@ class Reversible(AbstractSegmentedSolver[_ReversibleState]):
     norm: Callable[[PyTree], Scalar] = tree_max_abs
     precision: AbstractPrecision = ExactState()
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         if not 0 < self.beta < 2 or self.beta == 1:
             raise ValueError(
                 f"`beta` must lie in (0, 2) and differ from 1, got {self.beta}: at 1 "
@@ -101,7 +104,16 @@ class Reversible(AbstractSegmentedSolver[_ReversibleState]):
         reverse a nearby value exactly (see [`revdeq.ExactState`][])."""
         return self.precision.representable_beta(self.beta)
 
-    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+    def init(
+        self,
+        fn: SolverFn,
+        y: Y,
+        args: Args,
+        options: dict[str, Any],
+        f_struct: PyTree[jax.ShapeDtypeStruct],
+        aux_struct: PyTree[jax.ShapeDtypeStruct],
+        tags: frozenset[object],
+    ) -> _ReversibleState:
         del f_struct, aux_struct, tags
         fz0, _ = fn(y, args)
         # Drivers other than revdeq's (optimistix's) do not say whether they
@@ -115,7 +127,15 @@ class Reversible(AbstractSegmentedSolver[_ReversibleState]):
         pair = ReversiblePair(state, state)
         return _ReversibleState(progress, pair, fz0, start, jnp.array(0))
 
-    def step(self, fn, y, args, options, state, tags):
+    def step(
+        self,
+        fn: SolverFn,
+        y: Y,
+        args: Args,
+        options: dict[str, Any],
+        state: _ReversibleState,
+        tags: frozenset[object],
+    ) -> tuple[Y, _ReversibleState, Any]:
         del y, options, tags
         beta, step = self.relaxation, state.num_steps
         ys = self.precision.forward(state.pair.y, state.fz, beta, step)

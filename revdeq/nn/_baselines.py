@@ -53,7 +53,7 @@ class ExplicitStack(eqx.Module):
         num_layers: int,
         *,
         key: PRNGKeyArray,
-    ):
+    ) -> None:
         """**Arguments:**
 
         - `make_cell`: builds one cell from a PRNG key, e.g.
@@ -128,7 +128,7 @@ class ExplicitResNet(eqx.Module):
         width_expansions: Sequence[int] = (1, 2),
         num_layers: Sequence[int] = (8, 8),
         group_size: int = 8,
-    ):
+    ) -> None:
         """**Arguments:**
 
         - `image_shape`, `num_classes`, `key`, `channels`, `width_expansions`,
@@ -205,7 +205,7 @@ class ExplicitLanguageModel(eqx.Module):
         mlp_ratio: int = 4,
         mlp_depth: int = 1,
         num_layers: int = 8,
-    ):
+    ) -> None:
         """**Arguments:**
 
         - `vocab_size`, `seq_len`, `dim`, `num_heads`, `key`, `mlp_ratio`,

@@ -37,7 +37,7 @@ class MLPCell(eqx.Module):
     dim: int = eqx.field(static=True)
     hidden: int = eqx.field(static=True)
 
-    def __init__(self, dim: int, hidden: int, *, key: PRNGKeyArray):
+    def __init__(self, dim: int, hidden: int, *, key: PRNGKeyArray) -> None:
         """**Arguments:**
 
         - `dim`: size of the state `z` and of the injected input `x`.
@@ -120,7 +120,7 @@ class ConvCell(eqx.Module):
 
     def __init__(
         self, channels: int, hidden_channels: int, groups: int, *, key: PRNGKeyArray
-    ):
+    ) -> None:
         """**Arguments:**
 
         - `channels`: channels of the state `z` and of the injected input `x`.
@@ -230,7 +230,7 @@ class TransformerCell(eqx.Module):
         *,
         key: PRNGKeyArray,
         mlp_depth: int = 1,
-    ):
+    ) -> None:
         """**Arguments:**
 
         - `dim`: the model width, the size of each position's state.

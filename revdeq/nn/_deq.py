@@ -99,7 +99,7 @@ class DEQ(eqx.Module):
         z0: Literal["zeros", "learned"] = "zeros",
         state_dtype: DTypeLike = jnp.float32,
         compute_dtype: DTypeLike | None = None,
-    ):
+    ) -> None:
         """**Arguments:**
 
         - `cell`: the equilibrium function `cell(z, x) -> z`, e.g. a

@@ -68,7 +68,14 @@ class _Downsample(eqx.Module):
     conv2: eqx.nn.Conv2d
     shortcut: eqx.nn.Conv2d
 
-    def __init__(self, in_channels, out_channels, group_size, *, key):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        group_size: int,
+        *,
+        key: PRNGKeyArray,
+    ) -> None:
         key1, key2, key3 = jr.split(key, 3)
         self.norm1 = eqx.nn.GroupNorm(num_groups(in_channels, group_size), in_channels)
         self.conv1 = eqx.nn.Conv2d(
@@ -84,7 +91,7 @@ class _Downsample(eqx.Module):
             in_channels, out_channels, 1, stride=2, use_bias=False, key=key3
         )
 
-    def __call__(self, x):
+    def __call__(self, x: Float[Array, "c h w"]) -> Float[Array, "c2 h2 w2"]:
         h = self.conv1(jax.nn.relu(self.norm1(x)))
         h = self.conv2(jax.nn.relu(self.norm2(h)))
         return h + self.shortcut(x)
@@ -100,7 +107,15 @@ class ResNetTrunk(eqx.Module):
     downsamples: tuple[_Downsample, ...]
     head: eqx.nn.Linear
 
-    def __init__(self, in_channels, channels, num_classes, group_size, *, key):
+    def __init__(
+        self,
+        in_channels: int,
+        channels: Sequence[int],
+        num_classes: int,
+        group_size: int,
+        *,
+        key: PRNGKeyArray,
+    ) -> None:
         stem_key, down_key, head_key = jr.split(key, 3)
         self.stem = eqx.nn.Conv2d(
             in_channels, channels[0], 3, padding=1, use_bias=False, key=stem_key
@@ -115,7 +130,9 @@ class ResNetTrunk(eqx.Module):
         )
         self.head = eqx.nn.Linear(channels[-1], num_classes, key=head_key)
 
-    def __call__(self, image, stages: Sequence[Stage]):
+    def __call__(
+        self, image: Float[Array, "c h w"], stages: Sequence[Stage]
+    ) -> Float[Array, " num_classes"]:
         x = jax.nn.relu(self.stem_norm(self.stem(image)))
         for i, stage in enumerate(stages):
             if i > 0:
@@ -193,7 +210,7 @@ class ImplicitResNet(eqx.Module):
         adjoint: AbstractAdjoint = ReversibleAdjoint(),
         state_dtype: DTypeLike = jnp.float32,
         compute_dtype: DTypeLike | None = None,
-    ):
+    ) -> None:
         """**Arguments:**
 
         - `image_shape`: `(channels, height, width)` of an input image.
@@ -271,7 +288,9 @@ class LanguageModelTrunk(eqx.Module):
     head: eqx.nn.Linear
     seq_len: int = eqx.field(static=True)
 
-    def __init__(self, vocab_size, seq_len, dim, *, key):
+    def __init__(
+        self, vocab_size: int, seq_len: int, dim: int, *, key: PRNGKeyArray
+    ) -> None:
         tkey, pkey, hkey = jr.split(key, 3)
         self.token_embedding = eqx.nn.Embedding(vocab_size, dim, key=tkey)
         self.position_embedding = eqx.nn.Embedding(seq_len, dim, key=pkey)
@@ -292,7 +311,9 @@ class LanguageModelTrunk(eqx.Module):
         z = z.astype(self.position_embedding.weight.dtype)
         return jax.vmap(self.head)(jax.vmap(self.norm)(z))
 
-    def __call__(self, tokens, stage: Stage):
+    def __call__(
+        self, tokens: Int[Array, " seq_len"], stage: Stage
+    ) -> Float[Array, "seq_len vocab"]:
         z, _ = stage(self.embed(tokens))
         return self.readout(z)
 
@@ -408,7 +429,7 @@ class DEQLanguageModel(eqx.Module):
         max_steps: int = 4,
         state_dtype: DTypeLike = jnp.float32,
         compute_dtype: DTypeLike | None = None,
-    ):
+    ) -> None:
         """**Arguments:**
 
         - `vocab_size`: number of tokens.

@@ -33,7 +33,7 @@ class TanhCell(eqx.Module):
         key: PRNGKeyArray,
         scale: float = 0.9,
         dtype: DTypeLike = jnp.float32,
-    ):
+    ) -> None:
         k1, k2, k3 = jax.random.split(key, 3)
         self.weight = (scale / dim**0.5) * jax.random.normal(k1, (dim, dim), dtype)
         self.inject = jax.random.normal(k2, (dim, dim), dtype) / dim**0.5

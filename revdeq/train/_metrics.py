@@ -29,7 +29,7 @@ class MetricsLogger:
 
     path: pathlib.Path
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike) -> None:
         """**Arguments:**
 
         - `path`: the JSONL file to append to; it and its directory are created if

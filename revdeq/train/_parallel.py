@@ -105,7 +105,7 @@ class DataParallel(eqx.Module):
         # `jax.Device` is an alias of jaxlib's class, which pyright cannot resolve.
         devices: Sequence[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm]
         axis_name: str = "data",
-    ):
+    ) -> None:
         """**Arguments:**
 
         - `devices`: the devices to use. Defaults to `jax.devices()`: every device of

@@ -61,7 +61,7 @@ def main() -> int:
             dom, urls = open_offline(SITE / name, pathlib.Path(workdir))
         outside = sorted(urls)
         math = dom.count('class="arithmatex"')
-        rendered = dom.count("<mjx-container")
+        rendered = len(re.findall(r'class="arithmatex">\s*<mjx-container', dom))
         print(
             json.dumps(
                 {

@@ -265,6 +265,29 @@ def test_bad_configuration(make):
         make()
 
 
+@pytest.mark.parametrize(
+    "make, argument",
+    [
+        (lambda: revdeq.FloatState(jnp.int32), "dtype"),
+        (lambda: revdeq.FloatState(jnp.float64), "dtype"),
+        (lambda: _deq(state_dtype=jnp.float64), "state_dtype"),
+        (lambda: _deq(compute_dtype=jnp.int8), "compute_dtype"),
+    ],
+)
+def test_bad_dtype(make, argument):
+    # float64 without x64 would silently compute in float32: refused, by name.
+    with jax.enable_x64(False), pytest.raises(ValueError, match=f"`{argument}"):
+        make()
+
+
+def _deq(**dtypes):
+    cell = revdeq.nn.MLPCell(dim=4, hidden=8, key=jax.random.key(0))
+    solver, adjoint = revdeq.Reversible(), revdeq.ReversibleAdjoint()
+    return revdeq.nn.DEQ(
+        cell, (4,), solver=solver, adjoint=adjoint, max_steps=2, **dtypes
+    )
+
+
 @pytest.mark.parametrize("max_steps", [0, -3, True])
 def test_bad_max_steps(max_steps):
     with pytest.raises(ValueError, match="`max_steps`"):

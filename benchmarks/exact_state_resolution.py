@@ -2,8 +2,8 @@
 
 Run: `python benchmarks/exact_state_resolution.py`. For a small float32
 `TanhCell` and each β it prints the fraction `n/d` that `ExactState` takes for
-`1 − β` (its reversible multiplication replaces the discarded fraction of `s·n/d`
-with a digit in `[0, n)`, up to `n` quanta per step), and the relative error of the
+`1 − β` (its reversible multiplication `⌊(s·n + r) / d⌋`, with a digit `r ∈ [0, n)`
+from the buffer, lies within one quantum of `s·n/d`), and the relative error of the
 output of a fixed-step solve against the same iteration in float64: `ExactState`'s
 beside that of the plain float32 loop. The reconstruction is bit for bit in every
 row; this measures what it reconstructs.

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import revdeq
+from revdeq._precision.fixed_point import times_fraction, undo_times_fraction
 from revdeq.testing import TanhCell, relative_error
 
 from .helpers import batch_grad, float32_problem, float64_loop_grad, solve_grad
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.usefixtures("x64_on_and_off")
         pytest.param(0.8, marks=pytest.mark.slow),
         pytest.param(0.9, marks=pytest.mark.slow),
         1.2,
+        0.123,  # 1 − β = 164/187: the multiplication pops digits in base 164
     ],
 )
 @pytest.mark.parametrize("steps", [16, 64])
@@ -32,8 +34,32 @@ def test_exact_state_matches_float64_truth(getkey, beta, steps):
     solver = revdeq.Reversible(beta=beta, rtol=0, atol=0)
 
     got = solve_grad(cell, z0s, xs, solver=solver, max_steps=steps)
+    beta = solver.relaxation  # the nearest reversible one
     truth = float64_loop_grad(cell, z0s, xs, beta=beta, steps=steps)
     assert relative_error(got, truth) <= 1e-5
+
+
+@pytest.mark.parametrize("n, d", [(1, 5), (7, 8), (43, 50), (104, 121), (164, 187)])
+def test_times_fraction_is_within_one_unit_and_invertible(n, d):
+    bits = 30
+    rng = np.random.default_rng(0)
+    edges = [-(2**bits) + 1, -d, -1, 0, 1, d, 2**bits - 1]
+    ints = np.concatenate([edges, rng.integers(-(2**bits) + 1, 2**bits, 2000)])
+    ints, popped = np.meshgrid(ints, np.arange(n))
+    ints, popped = ints.ravel(), popped.ravel()
+
+    product, remainder = times_fraction(
+        jnp.asarray(ints, jnp.int32), jnp.asarray(popped, jnp.uint32), n, d, bits
+    )
+    # The truth in Python's unbounded integers.
+    numerator = [int(i) * n + int(p) for i, p in zip(ints, popped)]
+    np.testing.assert_array_equal(product, [a // d for a in numerator])
+    np.testing.assert_array_equal(remainder, [a % d for a in numerator])
+    assert np.all(np.abs(np.asarray(product) - ints * (n / d)) < 1)
+
+    back, back_popped = undo_times_fraction(product, remainder, n, d, bits)
+    np.testing.assert_array_equal(back, ints)
+    np.testing.assert_array_equal(back_popped, popped)
 
 
 class _ConvCell(eqx.Module):

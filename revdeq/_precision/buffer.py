@@ -2,10 +2,10 @@
 
 Pushing a digit `a` in base `b` is `h ← h·b + a`; popping one is `a = h mod b,
 h ← h // b`. Each is the other's inverse, so a sequence of pushes and pops undoes
-exactly when it is replayed backwards. An [`revdeq.ExactState`][] update pushes the
-digit that the multiplication by `n/d` would discard (base `d`), pops one in base
-`n` that the update consumes, and pushes the low guard bits of its injection (base
-`2^k`).
+exactly when it is replayed backwards. An [`revdeq.ExactState`][] update pops a
+digit in base `n` that its multiplication by `n/d` consumes, pushes the remainder
+that the multiplication would discard (base `d`), and pushes the low guard bits of
+its injection (base `2^k`).
 """
 
 import equinox as eqx
@@ -21,7 +21,7 @@ _WORD_LIMIT = 1 << 32
 
 
 class Radices(eqx.Module):
-    """The bases of one update: push in base `push`, pop in base `pop`, then push in
+    """The bases of one update: pop in base `pop`, push in base `push`, then push in
     base `2^guard_bits`."""
 
     push: int = eqx.field(static=True)
@@ -35,8 +35,8 @@ class Radices(eqx.Module):
         guard = 1 << self.guard_bits
         bound, updates = 0, 0
         while True:
-            pushed = bound * self.push + self.push - 1
-            guarded = (pushed // self.pop) * guard + guard - 1
+            pushed = (bound // self.pop) * self.push + self.push - 1
+            guarded = pushed * guard + guard - 1
             if max(pushed, guarded) >= _WORD_LIMIT:
                 return updates
             bound, updates = guarded, updates + 1
@@ -74,6 +74,8 @@ class InformationBuffer(eqx.Module):
 
     def push(self, digit: Array, base: int) -> "InformationBuffer":
         """Push `digit ∈ [0, base)`."""
+        if base == 1:
+            return self
         head = self.head * jnp.uint32(base) + digit.astype(jnp.uint32)
         return InformationBuffer(head, self.words)
 

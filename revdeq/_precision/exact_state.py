@@ -15,13 +15,14 @@ from .base import AbstractPrecision
 from .buffer import InformationBuffer, Radices
 from .fixed_point import (
     fixed_point_format,
-    floor_divmod,
     guard,
     injection,
     injection_bits,
     rational,
     scale,
     snap,
+    times_fraction,
+    undo_times_fraction,
     unscale,
 )
 
@@ -50,8 +51,9 @@ class ExactState(AbstractPrecision):
     `2^-24` (`2^-55`) of the state's scale at the default 6 bits. Additions are then
     exact, and the multiplication by `c = 1 − β ≈ ±n/d` (the best rational with
     `n · d ≤ 2^15`, exact for the usual `β`) is made invertible as in the
-    information buffer of Maclaurin et al.: the digit `Y mod d` is pushed into a
-    per-element buffer and `Y // d · n` takes a digit in base `n` back out. `f` sees
+    information buffer of Maclaurin et al.: `Y` becomes `⌊(Y·n + r) / d⌋`, within one
+    unit of `Y·n/d`, where the digit `r ∈ [0, n)` is popped from a per-element
+    buffer and the remainder of the division by `d` is pushed into it. `f` sees
     floats of the dtype of `z0`, and its output enters the state as the integer
     `q = β·f·2^e` (truncated).
 
@@ -215,13 +217,13 @@ class ExactState(AbstractPrecision):
         def leaf(s: _ExactLeaf, f: Array) -> _ExactLeaf:
             s, f = _materialise(s, f)
             _, _, bits = fixed_point_format(s.ints.dtype)
-            quotient, digit = floor_divmod(s.ints, d, bits)
-            buffer = s.buffer.begin(radices, step).push(digit, d)
-            buffer, rem = buffer.pop(n)
+            buffer, popped = s.buffer.begin(radices, step).pop(n)
+            product, remainder = times_fraction(s.ints, popped, n, d, bits)
+            buffer = buffer.push(remainder, d)
             q, fits = injection(f, beta, s.exponent)
             low = guard(q, self.guard_bits, injection_bits(f.dtype, s.dtype))
             buffer = buffer.push(low, 1 << self.guard_bits)
-            ints = sign * (quotient * n + rem.astype(s.ints.dtype)) + q
+            ints = sign * product + q
             # A non-finite `f` never fits.
             ints = jnp.where(fits, ints, _lost(ints.dtype))
             ints = jnp.where(s.ints < -(2**bits), s.ints, ints)  # sticky
@@ -250,9 +252,10 @@ class ExactState(AbstractPrecision):
             buffer, low = s.buffer.resume(radices, step).pop(1 << self.guard_bits)
             estimate = injection(f, beta, s.exponent)[0]
             q = snap(estimate, low, self.guard_bits, injection_bits(f.dtype, s.dtype))
-            quotient, rem = floor_divmod(sign * (s.ints - q), n, bits)
-            buffer, digit = buffer.push(rem, n).pop(d)
-            ints = quotient * d + digit.astype(s.ints.dtype)
+            buffer, remainder = buffer.pop(d)
+            product = sign * (s.ints - q)
+            ints, popped = undo_times_fraction(product, remainder, n, d, bits)
+            buffer = buffer.push(popped, n)
             return _ExactLeaf(ints, buffer, s.exponent, s.dtype)
 
         return jtu.tree_map(leaf, state, fval, is_leaf=_is_exact_leaf)

@@ -54,6 +54,39 @@ def floor_divmod(ints: Array, divisor: int, bits: int) -> tuple[Array, Array]:
     return quotient, (u % unsigned(divisor)).astype(ints.dtype)
 
 
+def times_fraction(
+    ints: Array, popped: Array, n: int, d: int, bits: int
+) -> tuple[Array, Array]:
+    """`⌊(ints·n + popped) / d⌋` and its remainder, for `popped ∈ [0, n)` and
+    `|ints| < 2^bits`, without forming `ints·n` (which would overflow).
+
+    With `popped` a digit taken from the information buffer and the remainder pushed
+    back, this is the reversible multiplication by `n/d` of Maclaurin et al.: it
+    loses no information, and its result lies within one unit of `ints·n/d`, since
+    `popped/d < 1`. Undone by `undo_times_fraction`."""
+    high, low = floor_divmod(ints, d, bits)  # ints = high·d + low
+    if n == 1:
+        return high, low
+    # ints·n + popped = high·d·n + (low·n + popped), the last term in [0, n·d).
+    rest = low * n + popped.astype(ints.dtype)
+    divisor = jnp.asarray(d, rest.dtype)
+    return high * n + jax.lax.div(rest, divisor), jax.lax.rem(rest, divisor)
+
+
+def undo_times_fraction(
+    product: Array, remainder: Array, n: int, d: int, bits: int
+) -> tuple[Array, Array]:
+    """The `(ints, popped)` that `times_fraction` maps to `(product, remainder)`."""
+    remainder = remainder.astype(product.dtype)
+    if n == 1:
+        return product * d + remainder, jnp.zeros_like(product)
+    # product = high·n + t with t = ⌊(low·n + popped) / d⌋ ∈ [0, n).
+    high, t = floor_divmod(product, n, bits)
+    rest = t * d + remainder  # = low·n + popped
+    divisor = jnp.asarray(n, rest.dtype)
+    return high * d + jax.lax.div(rest, divisor), jax.lax.rem(rest, divisor)
+
+
 def times_pow2(x: Array, exponent: Int[Array, "..."]) -> Array:
     """`x · 2^exponent` for `|exponent|` up to `2 · (maxexp − 2)` of `x`'s float:
     two exact scalings by normal powers of two, built from their bits (`exp2` may

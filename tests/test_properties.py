@@ -207,9 +207,13 @@ def test_exact_or_reported(case):
     # their epsilons) says that dtype can reach, times the resolution `ExactState`
     # spends on headroom for its bound `β / (1 − |1 − β|)` (41× at β = 1.95), and
     # up to 2× more, as its exponent is a whole number of bits.
+    # A `lax.scan` rather than a Python loop: up to 200 steps, run eagerly, would
+    # take most of the test's time.
     def plain_gradient(cell, z0, x):
         def loss(cell, x):
-            out = plain_reversible_loop(cell, z0, x, solver.relaxation, steps)
+            out = plain_reversible_loop(
+                cell, z0, x, solver.relaxation, steps, scan=True
+            )
             return _loss(out, m)
 
         return jax.tree.map(np.asarray, eqx.filter_grad(loss)(cell, x))

@@ -79,13 +79,15 @@ def add_common_arguments(
         "--limit-train",
         type=int,
         metavar="N",
-        help="train on the first N examples only, for quick runs",
+        help="train on N examples only, for quick runs (the first N images; N "
+        "windows drawn over the whole split for text)",
     )
     parser.add_argument(
         "--limit-test",
         type=int,
         metavar="N",
-        help="evaluate on the first N held-out examples only",
+        help="evaluate on N held-out examples only (the first N images; N windows "
+        "strided over the whole split for text)",
     )
     parser.add_argument(
         "--resume",
@@ -294,7 +296,8 @@ def write_reports(
     curve: str = "loss",
     runs: dict[str, pathlib.Path] | None = None,
 ) -> str:
-    """Write `results.json`, `results.md` (one row per model) and
+    """Write `results.json`, `results.md` (one row per model, and per yardstick such
+    as an n-gram model; a column that a row lacks shows "–") and
     `learning_curves.png` (the training `curve` of each model, from `runs`, by
     default `out/<model>/metrics.jsonl`) under `out`.
 
@@ -348,12 +351,25 @@ def plot_against_evals(
     results: dict[str, dict[str, Any]], metric: str, out_png: pathlib.Path
 ) -> None:
     """Each model's `metric` (with its spread over seeds as an error bar) against its
-    forward evaluations per solve, as a PNG."""
+    forward evaluations per solve, as a PNG. A row without evaluations is a yardstick
+    (e.g. an n-gram model) and is drawn as a horizontal line."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(6, 4), layout="constrained")
     axes = figure.add_subplot()
     for name, row in results.items():
+        if "nfe_forward" not in row:
+            axes.axhline(row[metric], color="0.6", linestyle="--", linewidth=1)
+            axes.text(
+                0.01,
+                row[metric],
+                name,
+                transform=axes.get_yaxis_transform(),
+                color="0.4",
+                fontsize="small",
+                verticalalignment="bottom",
+            )
+            continue
         axes.errorbar(
             row["nfe_forward"],
             row[metric],

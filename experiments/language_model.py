@@ -11,6 +11,23 @@ By default the corpus is byte-level text of the Python standard library's source
 (offline); `--text-files` uses your own files, `--dataset wikitext103` loads
 Wikitext-103 through Hugging Face `datasets`.
 
+**The data.** A text corpus is split into three contiguous ranges of its bytes, in
+file order: train (the first 90%), validation and test (5% each); a file that
+straddles a boundary is cut there. Wikitext-103 comes split. Each split is cut into
+windows of `--seq-len + 1` tokens starting every `--seq-len` tokens
+(`revdeq.data.sequence_windows`), and windows never cross a split, so no training
+window holds a validation or test token. The models train on `--limit-train` of the
+train split's windows drawn at random over the whole split (by `--data-seed`, the
+same windows for every model and seed), and are evaluated on `--limit-test` windows
+evenly strided over the whole of each of the validation and test splits (the same
+windows every run); without a limit, on all windows. A model is scored on every
+target of every window, each predicted from the tokens before it in its window.
+
+**The yardstick.** Rows `1-gram` to `4-gram` are count-based n-gram models with
+add-½ smoothing (`revdeq.data.NGramModel`), fitted in seconds on the same training
+windows and scored on the same evaluation windows in the same way. They only count:
+a model that does not beat them has learned nothing more.
+
 **The models.** `--steps k` sets the forward budget: RevDEQ's `k` reversible steps
 cost `2k + 1` evaluations of the cell per example.
 
@@ -40,8 +57,9 @@ Writes, under `--out`: `results.json` and `results.md` (per model, the mean over
 `--seeds` and the spread of each measurement: `test_bits_per_token` (bits per byte on
 a byte-level corpus), `validation_bits_per_token`, `tokens_per_second`,
 `wall_time_s`, `nfe_forward`, `nfe_backward`, `peak_memory_bytes`, `num_params`, and
-for `deq` models `backward_residual`), `bits_vs_evals.png`, `learning_curves.png`
-(seed 0), and per model and seed `metrics.jsonl` and `checkpoints/`.
+for `deq` models `backward_residual`; the n-gram rows hold only the bits per token),
+`bits_vs_evals.png` (the n-grams as horizontal lines), `learning_curves.png` (seed 0),
+and per model and seed `metrics.jsonl` and `checkpoints/`.
 """
 
 import argparse
@@ -87,6 +105,7 @@ def gpt2_tokens(corpus: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 VARIANTS = ("revdeq", "deq", "deq-noreg", "phantom", "explicit", "explicit-1")
+NGRAM_ORDERS = (1, 2, 3, 4)
 _DEQ_SOLVERS = {"anderson": revdeq.Anderson, "fixed-point": revdeq.FixedPointIteration}
 _VARIANTS_HELP = "See above."
 
@@ -110,6 +129,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=20_000_000,
         help="keep the first bytes of a text corpus (%(default)s)",
+    )
+    parser.add_argument(
+        "--data-seed",
+        type=int,
+        default=0,
+        help="the seed that draws the --limit-train training windows, the same for "
+        "every model and seed (%(default)s)",
     )
     parser.add_argument("--dim", type=int, default=128, help="(%(default)s)")
     parser.add_argument("--num-heads", type=int, default=4, help="(%(default)s)")
@@ -249,11 +275,28 @@ def runs_of(args) -> list[tuple[str, str, int]]:
     return runs
 
 
+def ngram_rows(
+    train_windows: np.ndarray, held_out: dict[str, np.ndarray], vocab_size: int
+) -> dict[str, dict[str, float]]:
+    """The yardstick: per order, an n-gram model's bits per token on each held-out
+    split, fitted on the training windows."""
+    rows = {}
+    for order in NGRAM_ORDERS:
+        ngram = revdeq.data.NGramModel(
+            train_windows, order=order, vocab_size=vocab_size
+        )
+        rows[f"{order}-gram"] = {
+            f"{split}_bits_per_token": ngram.bits_per_token(windows)
+            for split, windows in held_out.items()
+        }
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     """Train every requested model once per seed, write the reports and return the
-    results (per model, the means and spreads over the seeds).
+    results (per model, the means and spreads over the seeds; then the n-gram rows).
 
-    `--limit-train` and `--limit-test` count sequences of `--seq-len` tokens.
+    `--limit-train` and `--limit-test` count windows of `--seq-len + 1` tokens.
     """
     args = parse_args(argv)
     revdeq.train.maybe_initialize_distributed()
@@ -263,24 +306,24 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         corpus = revdeq.data.load_text_corpus(args.text_files, max_bytes=args.max_bytes)
     if args.paper:
         corpus = gpt2_tokens(corpus)
-
-    def first(tokens, num_sequences):
-        return (
-            tokens
-            if num_sequences is None
-            else tokens[: num_sequences * args.seq_len + 1]
-        )
-
-    train_tokens = first(corpus["train"], args.limit_train)
+    train_windows = revdeq.data.sequence_windows(
+        corpus["train"],
+        args.seq_len,
+        args.limit_train,
+        key=jax.random.key(args.data_seed),
+    )
     held_out = {
-        split: first(corpus[split], args.limit_test) for split in ("validation", "test")
+        split: revdeq.data.sequence_windows(
+            corpus[split], args.seq_len, args.limit_test
+        )
+        for split in ("validation", "test")
     }
     out = pathlib.Path(args.out)
     cross_entropy = make_loss(0.0)
 
     def batches(key):
         return revdeq.data.sequence_batches(
-            train_tokens, args.seq_len, args.batch_size, key=key
+            train_windows, args.seq_len, args.batch_size, key=key
         )
 
     @revdeq.train.make_eval_step
@@ -289,17 +332,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
 
     def evaluate(model):
         metrics = {}
-        for split, tokens in held_out.items():
-            losses = [
-                float(mean_loss(model, batch)["loss"])
-                for batch in revdeq.data.sequence_batches(
-                    tokens, args.seq_len, args.batch_size, shuffle=False
-                )
-            ]
-            metrics[f"{split}_bits_per_token"] = float(np.mean(losses)) / math.log(2)
+        for split, windows in held_out.items():
+            # The mean over every target of every window: batches weigh by size.
+            nats, count = 0.0, 0
+            for batch in revdeq.data.sequence_batches(
+                windows, args.seq_len, args.batch_size, shuffle=False, drop_last=False
+            ):
+                nats += float(mean_loss(model, batch)["loss"]) * len(batch[0])
+                count += len(batch[0])
+            metrics[f"{split}_bits_per_token"] = nats / count / math.log(2)
         return metrics
 
-    num_batches = ((len(train_tokens) - 1) // args.seq_len) // args.batch_size
+    num_batches = len(train_windows) // args.batch_size
     results = {}
     for name, variant, evals in runs_of(args):
         penalty = args.jacobian_penalty if variant == "deq" else 0.0
@@ -337,6 +381,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     runs = {
         name: out / name / f"seed-{args.seeds[0]}" / "metrics.jsonl" for name in results
     }
+    results |= ngram_rows(train_windows, held_out, args.vocab_size)
     table = _common.write_reports(out, results, runs=runs)
     _common.plot_against_evals(
         results, "test_bits_per_token", out / "bits_vs_evals.png"

@@ -184,6 +184,130 @@ def test_sequence_batches():
     np.testing.assert_array_equal(resumed[0], batches[1][0])
 
 
+def test_sequence_windows_strided():
+    # Token values equal positions: 999 // 10 = 99 windows of 11 tokens.
+    tokens = np.arange(1000)
+    windows = rd.sequence_windows(tokens, 10, 5)
+    # The middle window of each fifth of the 99: (2i + 1) * 99 // 10.
+    np.testing.assert_array_equal(windows[:, 0], [90, 290, 490, 690, 890])
+    # Spread over the stream: within half a stride (~100 tokens) of either end.
+    assert windows[0, 0] < 100 and windows[-1, -1] > 999 - 100
+    np.testing.assert_array_equal(windows, windows[:, :1] + np.arange(11))
+    np.testing.assert_array_equal(rd.sequence_windows(tokens, 10, 5), windows)
+    every = rd.sequence_windows(tokens, 10)
+    assert every.shape == (99, 11)
+    np.testing.assert_array_equal(every[:, 0], np.arange(0, 990, 10))
+    np.testing.assert_array_equal(rd.sequence_windows(tokens, 10, 500), every)
+    one = rd.sequence_windows(np.arange(12), 5, 1)  # Of 2 windows, the second.
+    np.testing.assert_array_equal(one, [np.arange(5, 11)])
+
+
+def test_sequence_windows_random():
+    tokens = np.arange(1000)
+    windows = rd.sequence_windows(tokens, 10, 30, key=jr.key(0))
+    starts = windows[:, 0]
+    assert windows.shape == (30, 11)
+    np.testing.assert_array_equal(windows, starts[:, None] + np.arange(11))
+    assert np.all(starts % 10 == 0) and np.all(np.diff(starts) > 0)
+    assert starts.max() + 10 < 1000
+    again = rd.sequence_windows(tokens, 10, 30, key=jr.key(0))
+    other = rd.sequence_windows(tokens, 10, 30, key=jr.key(1))
+    np.testing.assert_array_equal(again, windows)
+    assert not np.array_equal(other, windows)
+    # 30 of 99 windows drawn uniformly reach beyond the first and last thirds.
+    assert starts.min() < 330 and starts.max() > 660
+
+    batches = list(rd.sequence_batches(windows, 10, 8, key=jr.key(2)))
+    assert len(batches) == 3
+    seen = np.concatenate([inputs[:, 0] for inputs, _ in batches])
+    assert set(seen) < set(starts) and len(set(seen)) == 24
+    for inputs, targets in batches:
+        assert inputs.dtype == np.int32 and inputs.shape == (8, 10)
+        np.testing.assert_array_equal(targets, inputs + 1)
+    ordered = list(rd.sequence_batches(windows, 10, 8, shuffle=False, drop_last=False))
+    np.testing.assert_array_equal(
+        np.concatenate([x for x, _ in ordered]), windows[:, :-1]
+    )
+
+
+def test_sequence_windows_errors():
+    with pytest.raises(ValueError, match="`num_windows`"):
+        rd.sequence_windows(np.arange(100), 10, 0)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        rd.sequence_windows(np.arange(10), 10)
+    with pytest.raises(ValueError, match="`seq_len` must be 10"):
+        rd.sequence_batches(np.zeros((3, 11), np.int32), 12, 2, shuffle=False)
+
+
+def test_evaluation_windows_avoid_training(tmp_path):
+    """Windows stay within their split: train bytes lie in 0..99, validation bytes in
+    100..149 and test bytes in 150..199, so a byte shows where it came from."""
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(low, high, size) for low, high, size in
+             ((0, 100, 8000), (100, 150, 1000), (150, 200, 1000))]  # fmt: skip
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(np.concatenate(parts).astype(np.uint8).tobytes())
+    corpus = rd.load_text_corpus(path, validation_fraction=0.1, test_fraction=0.1)
+    train = rd.sequence_windows(corpus["train"], 16, 200, key=jr.key(0))
+    assert train.max() < 100
+    for split, (low, high) in (("validation", (100, 150)), ("test", (150, 200))):
+        windows = rd.sequence_windows(corpus[split], 16, 20)
+        assert low <= windows.min() and windows.max() < high
+
+
+# "abab" over the vocabulary a, b, c = 0, 1, 2, with add-1/2 smoothing (V = 3):
+# unigrams   a: 2, b: 2 of 4         p(a) = p(b) = 2.5 / 5.5 = 5/11, p(c) = 1/11
+# bigrams    ab: 2, ba: 1            p(b | a) = 2.5 / 3.5 = 5/7, p(c | a) = 1/7
+#            contexts a: 2, b: 1     p(a | b) = 1.5 / 2.5 = 3/5, p(b | b) = 1/5
+# trigrams   aba: 1, bab: 1          p(a | ab) = 1.5 / 2.5 = 3/5, p(c | ba) = 1/5
+# 4-grams    abab: 1                 p(c | aba) = 0.5 / 2.5 = 1/5
+# An unseen context, e.g. c or ca, gives 0.5 / 1.5 = 1/3 to every token.
+_ABAB = np.array([[0, 1, 0, 1]])
+_EVAL = np.array([[0, 1, 0, 2], [2, 0, 1, 1]])  # "abac", "cabb"
+_EXPECTED = {
+    1: [[5 / 11, 5 / 11, 1 / 11], [5 / 11, 5 / 11, 5 / 11]],
+    2: [[5 / 7, 3 / 5, 1 / 7], [1 / 3, 5 / 7, 1 / 5]],
+    # The first target has one token of context, the second two.
+    3: [[5 / 7, 3 / 5, 1 / 5], [1 / 3, 1 / 3, 1 / 5]],
+    4: [[5 / 7, 3 / 5, 1 / 5], [1 / 3, 1 / 3, 1 / 3]],
+}
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_ngram_by_hand(order):
+    model = rd.NGramModel(_ABAB, order=order, vocab_size=3)
+    expected = np.array(_EXPECTED[order])
+    np.testing.assert_allclose(model.probabilities(_EVAL), expected, rtol=1e-12)
+    bits = -np.mean(np.log2(expected))
+    np.testing.assert_allclose(model.bits_per_token(_EVAL), bits, rtol=1e-12)
+
+
+def test_ngram_counts_stay_within_sequences():
+    # "ab" twice: the bigram ba never occurs, and no bigram starts with b.
+    model = rd.NGramModel(np.array([[0, 1], [0, 1]]), order=2, vocab_size=3)
+    np.testing.assert_allclose(
+        model.probabilities(np.array([[0, 1, 0]])), [[5 / 7, 1 / 3]]
+    )
+    # Counted as one stream "abab", it has: p(a | b) = 3/5.
+    stream = rd.NGramModel(_ABAB, order=2, vocab_size=3)
+    np.testing.assert_allclose(stream.probabilities(np.array([[1, 0]])), [[3 / 5]])
+
+
+def test_ngram_errors():
+    with pytest.raises(ValueError, match="`order`"):
+        rd.NGramModel(_ABAB, order=0, vocab_size=3)
+    with pytest.raises(ValueError, match="`smoothing`"):
+        rd.NGramModel(_ABAB, order=2, vocab_size=3, smoothing=0.0)
+    with pytest.raises(ValueError, match="int64 codes"):
+        rd.NGramModel(_ABAB, order=4, vocab_size=2**16)
+    with pytest.raises(ValueError, match="outside 0..0"):
+        rd.NGramModel(_ABAB, order=2, vocab_size=1)
+    with pytest.raises(ValueError, match="at least 5 tokens"):
+        rd.NGramModel(_ABAB, order=5, vocab_size=3)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        rd.NGramModel(_ABAB, order=2, vocab_size=3).probabilities(_ABAB[:, :1])
+
+
 def test_text_corpus_stdlib():
     max_bytes = 300_000
     corpus = rd.load_text_corpus(max_bytes=max_bytes)

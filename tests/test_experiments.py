@@ -6,6 +6,7 @@ import math
 import pathlib
 
 import jax
+import numpy as np
 import pytest
 
 import revdeq
@@ -25,16 +26,21 @@ def scripts(monkeypatch):
     return {"image": image_classification, "language": language_model}
 
 
-def check_reports(out: pathlib.Path, models, keys, runs: str = "") -> None:
-    """`runs`: the directory of each model's run that holds its metrics."""
+def check_reports(
+    out: pathlib.Path, models, keys, runs: str = "", yardsticks=()
+) -> None:
+    """`runs`: the directory of each model's run that holds its metrics;
+    `yardsticks`: rows that are not trained models, e.g. n-grams."""
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == set(models)
-    for row in results.values():
-        assert set(keys) <= set(row)
-        assert all(math.isfinite(row[key]) for key in keys)
+    assert set(results) == {*models, *yardsticks}
     for model in models:
+        assert set(keys) <= set(results[model])
+        assert all(math.isfinite(results[model][key]) for key in keys)
         assert (out / model / runs / "metrics.jsonl").stat().st_size > 0
-    assert (out / "results.md").read_text().startswith("| model |")
+    table = (out / "results.md").read_text()
+    assert table.startswith("| model |")
+    rows = {line.split(" | ")[0].removeprefix("| ") for line in table.splitlines()[2:]}
+    assert rows == set(results)
     assert (out / "learning_curves.png").stat().st_size > 0
 
 
@@ -79,8 +85,15 @@ def test_language_comparison_trains_every_model(scripts, tmp_path):
     keys = ["test_bits_per_token", "validation_bits_per_token", "tokens_per_second",
             "wall_time_s", "nfe_forward", "nfe_backward", "peak_memory_bytes",
             "num_params"]  # fmt: skip
-    check_reports(tmp_path, models, keys, runs="seed-0")
+    ngrams = ["1-gram", "2-gram", "3-gram", "4-gram"]
+    check_reports(tmp_path, models, keys, runs="seed-0", yardsticks=ngrams)
     assert (tmp_path / "bits_vs_evals.png").stat().st_size > 0
+    for ngram in ngrams:
+        assert set(results[ngram]) == {
+            "validation_bits_per_token",
+            "test_bits_per_token",
+        }
+        assert all(0 < bits < 20 for bits in results[ngram].values())
     for model in models:
         records = revdeq.train.read_metrics(
             tmp_path / model / "seed-0" / "metrics.jsonl"
@@ -96,6 +109,28 @@ def test_language_comparison_trains_every_model(scripts, tmp_path):
         assert 0 < results[model]["backward_residual"] < math.inf
     explicit, deq = (results[m]["num_params"] for m in ("explicit-1", "deq-noreg"))
     assert explicit == deq
+
+
+def test_language_yardstick_rows(scripts, tmp_path):
+    """The n-gram rows join the table and the plot of the trained models, with the
+    models' columns empty."""
+    import _common
+
+    module = scripts["language"]
+    tokens = np.frombuffer(b"def f(x):\n    return x + 1\n" * 40, np.uint8)
+    windows = revdeq.data.sequence_windows(tokens, 15)
+    rows = module.ngram_rows(windows, {"validation": windows, "test": windows}, 256)
+    assert list(rows) == ["1-gram", "2-gram", "3-gram", "4-gram"]
+    bits = [row["test_bits_per_token"] for row in rows.values()]
+    assert bits[1] < bits[0] < 8  # Below uniform; the previous byte helps.
+    model = {"test_bits_per_token": 5.0, "nfe_forward": 3}
+    results = {"revdeq": model, **rows}
+    curve = [{"step": 0, "loss": 3.0}, {"step": 1, "loss": 2.0}]
+    table = _common.write_reports(tmp_path, results, runs={"revdeq": curve})
+    assert "| 4-gram | " + f"{bits[-1]:.4g} | – | " in table
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    _common.plot_against_evals(results, "test_bits_per_token", tmp_path / "b.png")
+    assert (tmp_path / "b.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("script", ["image_classification", "language_model", "demo"])

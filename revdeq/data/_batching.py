@@ -102,8 +102,96 @@ def image_batches(
     )
 
 
-def sequence_batches(
+def _grid_windows(
+    tokens: Integer[np.ndarray, " num_tokens"], seq_len: int
+) -> Integer[np.ndarray, "num_windows window"]:
+    """A read-only view of the windows of `seq_len + 1` tokens every `seq_len`."""
+    if seq_len < 1:
+        raise ValueError(f"`seq_len` must be at least 1, got {seq_len}.")
+    if tokens.ndim != 1:
+        raise ValueError(
+            f"`tokens` must be one-dimensional, a token stream; got shape "
+            f"{tokens.shape}."
+        )
+    if len(tokens) < seq_len + 1:
+        raise ValueError(
+            f"`tokens` holds {len(tokens)} tokens, fewer than one window of "
+            f"`seq_len + 1`={seq_len + 1}."
+        )
+    windows = np.lib.stride_tricks.sliding_window_view(tokens, seq_len + 1)
+    return windows[::seq_len]
+
+
+def sequence_windows(
     tokens: Integer[np.ndarray, " num_tokens"],
+    seq_len: int,
+    num_windows: int | None = None,
+    *,
+    key: PRNGKeyArray | None = None,
+) -> Integer[np.ndarray, "num_windows window"]:
+    """Cut a token stream into windows for next-token prediction, and optionally keep
+    some of them, spread over the whole stream.
+
+    The windows are those of [`revdeq.data.sequence_batches`][]: `seq_len + 1`
+    tokens starting every `seq_len` tokens, so that every token is an input exactly
+    once. With `num_windows`, a subset of them is kept, in stream order and without
+    overlap beyond the shared token at each boundary:
+
+    - without `key`, evenly strided: the `i`-th of `n` is the window at the middle
+        of the `i`-th of `n` equal parts of the stream, so the first and the last
+        lie within half a stride of the stream's two ends. The choice is the same
+        every time: use it for evaluation.
+    - with `key`, drawn uniformly at random without replacement: use it to train on
+        a sample of the whole stream.
+
+    **Arguments:**
+
+    - `tokens`: a one-dimensional integer array of token ids.
+    - `seq_len`: the length of each input and target sequence.
+    - `num_windows`: how many windows to keep, at most all of them; `None` keeps all.
+    - `key`: a PRNG key that draws the windows kept at random; `None` strides.
+
+    **Returns:**
+
+    The windows, an array of the dtype of `tokens` and shape
+    `(num_windows, seq_len + 1)`.
+
+    !!! Example
+
+        ```python
+        import jax
+        import revdeq
+
+
+        corpus = revdeq.data.load_text_corpus(max_bytes=300_000)
+        train = revdeq.data.sequence_windows(
+            corpus["train"], 64, 1000, key=jax.random.key(0)
+        )
+        test = revdeq.data.sequence_windows(corpus["test"], 64, 100)  # strided
+        for inputs, targets in revdeq.data.sequence_batches(
+            train, 64, 16, key=jax.random.key(1)
+        ):
+            ...  # inputs, targets: (16, 64) int32
+        ```
+    """
+    windows = _grid_windows(tokens, seq_len)
+    total = len(windows)
+    if num_windows is None or num_windows >= total:
+        return windows.copy()
+    if num_windows < 1:
+        raise ValueError(f"`num_windows` must be at least 1, got {num_windows}.")
+    if key is None:
+        # Each part is at least one window long, so the middles are distinct.
+        chosen = (2 * np.arange(num_windows) + 1) * total // (2 * num_windows)
+    else:
+        draw = jax.random.choice(key, total, (num_windows,), replace=False)
+        chosen = np.sort(np.asarray(draw))
+    return windows[chosen]
+
+
+def sequence_batches(
+    tokens: Integer[np.ndarray, " num_tokens"]
+    | Integer[np.ndarray, "num_windows window"],
     seq_len: int,
     batch_size: int,
     *,
@@ -117,14 +205,17 @@ def sequence_batches(
     """Iterate once over a token stream in (shuffled) next-token prediction batches.
 
     The stream is cut into consecutive windows of `seq_len + 1` tokens starting every
-    `seq_len` tokens, so every token is an input exactly once per pass. Each window
-    gives an input (its first `seq_len` tokens) and a target (its last `seq_len`
-    tokens): targets are the inputs shifted left by one. The order of windows in one
-    pass is a function of `key` only, so a pass can be resumed exactly with `start`.
+    `seq_len` tokens, so every token is an input exactly once per pass; or the
+    windows are given, for example a sample from [`revdeq.data.sequence_windows`][].
+    Each window gives an input (its first `seq_len` tokens) and a target (its last
+    `seq_len` tokens): targets are the inputs shifted left by one. The order of
+    windows in one pass is a function of `key` only, so a pass can be resumed
+    exactly with `start`.
 
     **Arguments:**
 
-    - `tokens`: a one-dimensional integer array of token ids.
+    - `tokens`: a one-dimensional integer array of token ids, or a two-dimensional
+        one of windows of `seq_len + 1` tokens each.
     - `seq_len`: the length of each input and target sequence.
     - `batch_size`: the number of sequences per batch.
     - `key`: a PRNG key that fixes the order of windows; required when `shuffle`.
@@ -152,11 +243,17 @@ def sequence_batches(
             ...  # inputs, targets: (16, 128) int32, targets shifted by one byte
         ```
     """
-    if seq_len < 1:
-        raise ValueError(f"`seq_len` must be at least 1, got {seq_len}.")
-    num_windows = (len(tokens) - 1) // seq_len
+    if tokens.ndim != 2:
+        windows = _grid_windows(tokens, seq_len)
+    elif seq_len >= 1 and tokens.shape[1] == seq_len + 1:
+        windows = tokens
+    else:
+        raise ValueError(
+            f"`tokens` holds windows of {tokens.shape[1]} tokens, so `seq_len` must "
+            f"be {tokens.shape[1] - 1} and at least 1, got {seq_len}."
+        )
     indices = _batch_indices(
-        num_windows,
+        len(windows),
         batch_size,
         key,
         shuffle,
@@ -164,6 +261,7 @@ def sequence_batches(
         start,
         what=f"windows of `seq_len + 1`={seq_len + 1} tokens",
     )
-    offsets = np.arange(seq_len + 1)
-    windows = (tokens[i[:, None] * seq_len + offsets].astype(np.int32) for i in indices)
-    return ((window[:, :-1], window[:, 1:]) for window in windows)
+    return (
+        (window[:, :-1], window[:, 1:])
+        for window in (windows[i].astype(np.int32) for i in indices)
+    )

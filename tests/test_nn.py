@@ -4,11 +4,15 @@ import jax.flatten_util
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import optax
 import pytest
+from jaxtyping import TypeCheckError
 
 import revdeq
 import revdeq.nn as nn
 from revdeq.testing import relative_error
+
+from .helpers import dense_implicit_gradient
 
 
 def _cells_and_inputs(key):
@@ -17,6 +21,7 @@ def _cells_and_inputs(key):
         (nn.MLPCell(4, 8, key=ckey), (4,)),
         (nn.ConvCell(4, 8, 2, key=ckey), (4, 5, 5)),
         (nn.TransformerCell(8, 2, 2, key=ckey), (6, 8)),
+        (nn.DEQTransformerCell(8, 2, 2, key=ckey), (6, 8)),
     ]
     return [
         (cell, jr.normal(zkey, (3, *shape)), jr.normal(xkey, (3, *shape)))
@@ -33,8 +38,9 @@ def test_cells_jit_vmap(getkey):
 
 
 def test_bad_hyperparameters(getkey):
-    with pytest.raises(ValueError, match="num_heads"):
-        nn.TransformerCell(10, 3, 2, key=getkey())
+    for cell in (nn.TransformerCell, nn.DEQTransformerCell):
+        with pytest.raises(ValueError, match="num_heads"):
+            cell(10, 3, 2, key=getkey())
     with pytest.raises(ValueError, match="hidden_channels"):
         nn.ConvCell(4, 6, 4, key=getkey())
     with pytest.raises(ValueError, match="group_size"):
@@ -63,6 +69,9 @@ def test_bad_hyperparameters(getkey):
         deq(jnp.zeros(4), z0=jnp.zeros(5))
     with pytest.raises(ValueError, match="tokens"):
         nn.DEQLanguageModel(11, 6, 8, 2, key=getkey())(jnp.zeros(5, int))
+    # Refused by our check, or first by the runtime type checker of the tests.
+    with pytest.raises((ValueError, TypeCheckError), match="cell"):
+        nn.DEQLanguageModel(11, 6, 8, 2, key=getkey(), cell=nn.MLPCell)  # pyright: ignore
     for bad in (
         revdeq.Anderson(),
         revdeq.Broyden(atol=0.0),
@@ -72,12 +81,16 @@ def test_bad_hyperparameters(getkey):
             nn.DEQLanguageModel(11, 6, 8, 2, key=getkey(), solver=bad)
 
 
-def test_transformer_cell_causal(getkey):
-    cell = nn.TransformerCell(8, 2, 2, key=getkey())
-    z, x = jr.normal(getkey(), (2, 7, 8))
+_TRANSFORMER_CELLS = [nn.TransformerCell, nn.DEQTransformerCell]
+
+
+@pytest.mark.parametrize("cell_cls", _TRANSFORMER_CELLS)
+def test_transformer_cell_causal(cell_cls, getkey):
+    cell = cell_cls(8, 2, 2, key=getkey())
+    z, x, dz, dx = jr.normal(getkey(), (4, 7, 8))
     j = 4
     out = eqx.filter_jit(cell)(z, x)
-    changed = eqx.filter_jit(cell)(z.at[j].add(1.0), x.at[j].add(1.0))
+    changed = eqx.filter_jit(cell)(z.at[j].add(dz[j]), x.at[j].add(dx[j]))
     assert jnp.array_equal(out[:j], changed[:j])
     assert not jnp.any(jnp.all(out[j:] == changed[j:], axis=-1))
 
@@ -112,8 +125,9 @@ _CAUSAL_PAIRS = {
 }
 
 
+@pytest.mark.parametrize("cell_cls", _TRANSFORMER_CELLS)
 @pytest.mark.parametrize("pair", list(_CAUSAL_PAIRS))
-def test_language_model_causal(pair, getkey):
+def test_language_model_causal(pair, cell_cls, getkey):
     vocab, seq_len = 13, 7
     solver, adjoint = _CAUSAL_PAIRS[pair]
     model = nn.DEQLanguageModel(
@@ -122,6 +136,7 @@ def test_language_model_causal(pair, getkey):
         8,
         2,
         mlp_ratio=2,
+        cell=cell_cls,
         solver=solver,
         adjoint=adjoint,
         max_steps=6,
@@ -131,6 +146,110 @@ def test_language_model_causal(pair, getkey):
     logits = eqx.filter_jit(model)(tokens)
     assert logits.shape == (seq_len, vocab) and logits.dtype == jnp.float32
     assert _changes_only_later_logits(model, tokens, vocab)
+
+
+_FORWARD_SOLVERS = [revdeq.Anderson, revdeq.Broyden, revdeq.FixedPointIteration]
+
+
+def _relative_residual(cell, z, x):
+    return jnp.linalg.norm(cell(z, x) - z) / jnp.linalg.norm(z)
+
+
+@pytest.mark.parametrize("solver_cls", _FORWARD_SOLVERS)
+def test_deq_transformer_cell_has_a_fixed_point(solver_cls, getkey):
+    """At their default tolerances, the forward solvers converge on a freshly
+    initialised cell (on `TransformerCell` they reach none: its iterates grow)."""
+    cell = nn.DEQTransformerCell(16, 4, 4, key=getkey())
+    x = jr.normal(getkey(), (8, 16))
+    solve = eqx.filter_jit(
+        lambda cell, x: revdeq.solve(
+            cell, jnp.zeros((8, 16)), x, solver=solver_cls(), max_steps=30
+        )
+    )
+    sol = solve(cell, x)
+    assert sol.result == revdeq.RESULTS.successful  # converged before 30 steps
+    assert _relative_residual(cell, sol.value, x) < 1e-4
+
+
+@pytest.mark.slow  # compile-heavy: about 20 s on 2 cores
+def test_deq_transformer_cell_implicit_gradient_matches_dense_solve(x64, getkey):
+    """`ImplicitAdjoint()` at its defaults, in float64, against the implicit function
+    theorem solved densely at the fixed point (`jax.jacfwd` and `jnp.linalg.solve`)."""
+    cell = nn.DEQTransformerCell(8, 2, 2, key=getkey())
+    cell = jax.tree.map(
+        lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, cell
+    )
+    x, cotangent = jr.normal(getkey(), (2, 4, 8), jnp.float64)
+    solver = revdeq.FixedPointIteration(rtol=1e-12, atol=1e-12)
+
+    def solve(cell, x):
+        adjoint = revdeq.ImplicitAdjoint()
+        sol = revdeq.solve(
+            cell, jnp.zeros_like(x), x, solver=solver, adjoint=adjoint, max_steps=100
+        )
+        return sol.value
+
+    @eqx.filter_jit
+    def grads_and_truth(cell, x):
+        z_star, vjp = eqx.filter_vjp(solve, cell, x)
+        truth = dense_implicit_gradient(cell, z_star, x, cotangent)
+        return vjp(cotangent), truth, _relative_residual(cell, z_star, x)
+
+    grads, truth, residual = grads_and_truth(cell, x)
+    assert residual < 1e-10  # the dense truth holds at an exact fixed point
+    assert relative_error(grads, truth) < 1e-8
+
+
+@pytest.mark.slow
+@pytest.mark.standard_promotion  # optax's Adam
+@pytest.mark.parametrize("solver_cls", _FORWARD_SOLVERS)
+def test_deq_transformer_language_model_keeps_its_fixed_point(solver_cls):
+    """A DEQ with `ImplicitAdjoint()` at its defaults trains on real bytes without a
+    failed backward solve, and its cell still has a fixed point afterwards, which
+    fixed-point iteration reaches. (The model's own Anderson or Broyden solve can
+    stall on a few positions of a trained cell, so it is not the yardstick.)"""
+    seq_len, batch_size, num_steps = 16, 8, 20
+    model = nn.DEQLanguageModel(
+        256,
+        seq_len,
+        16,
+        2,
+        key=jr.key(0),
+        cell=nn.DEQTransformerCell,
+        solver=solver_cls(rtol=0, atol=0),
+        adjoint=revdeq.ImplicitAdjoint(),
+        max_steps=15,
+    )
+    corpus = revdeq.data.load_text_corpus(max_bytes=50_000)["train"]
+    batches = revdeq.data.sequence_batches(corpus, seq_len, batch_size, key=jr.key(1))
+
+    def loss_fn(model, batch, key):
+        inputs, targets = batch
+        logits = jax.vmap(model)(inputs)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        return loss.mean(), {}
+
+    optimiser = optax.adam(3e-3)
+    opt_state = revdeq.train.init_optimiser(optimiser, model)
+    step = revdeq.train.make_step(loss_fn, optimiser)
+    losses = []
+    for _, batch in zip(range(num_steps), batches):
+        model, opt_state, metrics = step(model, opt_state, batch, jr.key(2))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] - 1.0
+
+    @eqx.filter_jit
+    def residuals(cell, xs):
+        def one(x):
+            z0 = jnp.zeros_like(x)
+            solver = revdeq.FixedPointIteration()
+            sol = revdeq.solve(cell, z0, x, solver=solver, max_steps=50, throw=False)
+            return _relative_residual(cell, sol.value, x)
+
+        return jax.vmap(one)(xs)
+
+    xs = jax.vmap(model.trunk.embed)(next(batches)[0])
+    assert jnp.max(residuals(model.deq.cell, xs)) < 1e-4
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from ._baselines import (
 )
 from ._cells import (
     ConvCell as ConvCell,
+    DEQTransformerCell as DEQTransformerCell,
     MLPCell as MLPCell,
     TransformerCell as TransformerCell,
 )

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._regularise import apply_weight_norm
+
 
 class MLPCell(eqx.Module):
     r"""A two-layer perceptron cell with input injection.
@@ -168,6 +170,31 @@ class ConvCell(eqx.Module):
         return self.norm3(jax.nn.relu(z + self.norm2(x + self.conv2(h))))
 
 
+def _attention_and_mlp(
+    dim: int, num_heads: int, mlp_ratio: int, mlp_depth: int, *, key: PRNGKeyArray
+) -> tuple[eqx.nn.MultiheadAttention, eqx.nn.MLP]:
+    """The self-attention and the position-wise GELU MLP of a Transformer block."""
+    if dim % num_heads != 0:
+        raise ValueError(f"`num_heads`={num_heads} must divide `dim`={dim}.")
+    akey, mkey = jr.split(key)
+    attention = eqx.nn.MultiheadAttention(num_heads, dim, key=akey)
+    mlp = eqx.nn.MLP(
+        dim, dim, mlp_ratio * dim, mlp_depth, activation=jax.nn.gelu, key=mkey
+    )
+    return attention, mlp
+
+
+def _causal_self_attention(
+    attention: eqx.nn.MultiheadAttention, h: Float[Array, "seq_len dim"]
+) -> Float[Array, "seq_len dim"]:
+    """Self-attention in which position `i` attends to positions `<= i` only. Masked
+    weights are exactly zero, so output `i` depends on `h[:i + 1]` alone, bit for
+    bit."""
+    seq_len = h.shape[0]
+    causal = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))
+    return attention(h, h, h, mask=causal)
+
+
 class TransformerCell(eqx.Module):
     r"""A pre-LayerNorm causal Transformer block with input injection.
 
@@ -239,15 +266,11 @@ class TransformerCell(eqx.Module):
         - `key`: a PRNG key for the initialisation.
         - `mlp_depth`: number of hidden layers of the MLP (the paper uses 2).
         """
-        if dim % num_heads != 0:
-            raise ValueError(f"`num_heads`={num_heads} must divide `dim`={dim}.")
-        akey, mkey = jr.split(key)
         self.norm1 = eqx.nn.LayerNorm(dim)
-        self.attention = eqx.nn.MultiheadAttention(num_heads, dim, key=akey)
-        self.norm2 = eqx.nn.LayerNorm(dim)
-        self.mlp = eqx.nn.MLP(
-            dim, dim, mlp_ratio * dim, mlp_depth, activation=jax.nn.gelu, key=mkey
+        self.attention, self.mlp = _attention_and_mlp(
+            dim, num_heads, mlp_ratio, mlp_depth, key=key
         )
+        self.norm2 = eqx.nn.LayerNorm(dim)
         self.dim = dim
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
@@ -265,8 +288,119 @@ class TransformerCell(eqx.Module):
 
         The new state, shaped like `z`.
         """
-        seq_len = z.shape[0]
-        causal = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))
-        h = jax.vmap(self.norm1)(z + x)
-        u = z + self.attention(h, h, h, mask=causal)
+        u = z + _causal_self_attention(self.attention, jax.vmap(self.norm1)(z + x))
         return u + jax.vmap(self.mlp)(jax.vmap(self.norm2)(u))
+
+
+class DEQTransformerCell(eqx.Module):
+    r"""The causal post-LayerNorm Transformer block of the DEQ-Transformer, with the
+    input injected at every evaluation.
+
+    On a state $z$ of shape `(seq_len, dim)` with injected embeddings $x$:
+
+    $$h = \operatorname{LN}_1\bigl(z + x + \operatorname{Attn}(z + x)\bigr), \qquad
+      f(z, x) = \operatorname{LN}_2\bigl(h + \operatorname{MLP}(h)\bigr).$$
+
+    Unlike the pre-norm [`revdeq.nn.TransformerCell`][] $z + g(z)$, whose iterates
+    keep growing, this cell normalises *after* each residual, so every iterate is a
+    layer-normalised state, and the injection $x$ inside the first normalisation
+    damps its dependence on $z$. At initialisation, fixed-point iteration about
+    halves the residual at each step (measured at widths 32 to 64), and
+    [`revdeq.Anderson`][], [`revdeq.Broyden`][] and [`revdeq.FixedPointIteration`][]
+    reach its fixed point to float32 precision within 30 steps. By default every
+    linear layer is weight-normalised ([`revdeq.nn.apply_weight_norm`][]), as in the
+    DEQ-Transformer.
+
+    It simplifies Bai et al.'s block: learned absolute positions (in `x`) replace
+    relative positional attention, and the injection is added to the attention's
+    input rather than to its query, key and value projections.
+
+    The attention is causal and everything else acts on each position separately, so
+    output $i$ depends on $z_{\le i}$ and $x_{\le i}$ alone, bit for bit.
+
+    ??? cite
+
+        ```bibtex
+        @inproceedings{bai2019deep,
+            title={Deep Equilibrium Models},
+            author={Bai, Shaojie and Kolter, J. Zico and Koltun, Vladlen},
+            booktitle={Advances in Neural Information Processing Systems},
+            year={2019}
+        }
+        ```
+
+    !!! Example
+
+        ```python
+        import jax
+        import jax.numpy as jnp
+        import revdeq
+
+
+        cell = revdeq.nn.DEQTransformerCell(dim=32, num_heads=4, mlp_ratio=4,
+                                            key=jax.random.key(0))
+        embeddings = jax.random.normal(jax.random.key(1), (10, 32))  # (seq_len, dim)
+        sol = revdeq.solve(cell, jnp.zeros((10, 32)), embeddings,
+                           solver=revdeq.Anderson(), max_steps=30)
+        z_star = sol.value  # sol.stats["residual"] is below 1e-4
+        ```
+    """
+
+    attention: eqx.nn.MultiheadAttention
+    norm1: eqx.nn.LayerNorm
+    mlp: eqx.nn.MLP
+    norm2: eqx.nn.LayerNorm
+    dim: int = eqx.field(static=True)
+    num_heads: int = eqx.field(static=True)
+    mlp_ratio: int = eqx.field(static=True)
+    mlp_depth: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: int,
+        *,
+        key: PRNGKeyArray,
+        mlp_depth: int = 1,
+        weight_norm: bool = True,
+    ) -> None:
+        """**Arguments:**
+
+        - `dim`: the model width, the size of each position's state.
+        - `num_heads`: number of attention heads; must divide `dim`.
+        - `mlp_ratio`: hidden width of the MLP as a multiple of `dim`.
+        - `key`: a PRNG key for the initialisation.
+        - `mlp_depth`: number of hidden layers of the MLP.
+        - `weight_norm`: whether to weight-normalise the attention's projections and
+            the MLP's layers.
+        """
+        attention, mlp = _attention_and_mlp(
+            dim, num_heads, mlp_ratio, mlp_depth, key=key
+        )
+        if weight_norm:
+            attention, mlp = apply_weight_norm((attention, mlp))
+        self.attention = attention
+        self.norm1 = eqx.nn.LayerNorm(dim)
+        self.mlp = mlp
+        self.norm2 = eqx.nn.LayerNorm(dim)
+        self.dim = dim
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.mlp_depth = mlp_depth
+
+    def __call__(
+        self, z: Float[Array, "seq_len dim"], x: Float[Array, "seq_len dim"]
+    ) -> Float[Array, "seq_len dim"]:
+        """**Arguments:**
+
+        - `z`: the state, one row per position.
+        - `x`: the injected input (token plus position embeddings), shaped like `z`.
+
+        **Returns:**
+
+        The new state, shaped like `z`.
+        """
+        u = z + x
+        h = jax.vmap(self.norm1)(u + _causal_self_attention(self.attention, u))
+        return jax.vmap(self.norm2)(h + jax.vmap(self.mlp)(h))

@@ -22,7 +22,7 @@ from .._solver.base import AbstractSolver
 from .._solver.broyden import Broyden
 from .._solver.fixed_point import FixedPointIteration
 from .._solver.reversible import Reversible
-from ._cells import ConvCell, TransformerCell
+from ._cells import ConvCell, DEQTransformerCell, TransformerCell
 from ._deq import DEQ
 
 
@@ -358,9 +358,16 @@ class DEQLanguageModel(eqx.Module):
     r"""An exactly causal deep equilibrium Transformer language model.
 
     Token plus learned position embeddings $x$; the state solves
-    $z^* = f(z^*, x)$ for a causal [`revdeq.nn.TransformerCell`][] $f$; a final
-    layer norm and a bias-free linear head give the next-token logits at every
-    position.
+    $z^* = f(z^*, x)$ for a causal Transformer cell $f$; a final layer norm and a
+    bias-free linear head give the next-token logits at every position.
+
+    **Two cells.** The default, the pre-norm [`revdeq.nn.TransformerCell`][] of the
+    RevDEQ paper, is residual ($z + g(z)$) and has no fixed point that the forward
+    solvers can find: its iterates grow. It suits the reversible solver's fixed
+    budget of a few steps. For a DEQ trained with [`revdeq.ImplicitAdjoint`][], whose
+    gradient holds only at a fixed point, pass `cell=revdeq.nn.DEQTransformerCell`:
+    the post-norm DEQ-Transformer block, on which [`revdeq.Anderson`][],
+    [`revdeq.Broyden`][] and [`revdeq.FixedPointIteration`][] converge.
 
     **Causality is exact:** changing token $j$ leaves the logits at every position
     $< j$ bit-identical. The cell only mixes positions through causal attention, and
@@ -374,10 +381,10 @@ class DEQLanguageModel(eqx.Module):
     stop. (A solve that fails, e.g. diverges, still stops for the whole sequence.)
 
     **Exact by default.** The default solver runs `Reversible` steps on an
-    `ExactState`, so the gradient is exact for the computed forward pass. The cell is
-    residual (`z + g(z)`), so its state grows with the number of steps: past four
-    steps the model gives the `ExactState` one more bit of headroom per doubling of
-    `max_steps`, at one bit of resolution each. Against a float64 truth, the float32
+    `ExactState`, so the gradient is exact for the computed forward pass. The default
+    cell is residual (`z + g(z)`), so its state grows with the number of steps: past
+    four steps the model gives the `ExactState` one more bit of headroom per doubling
+    of `max_steps`, at one bit of resolution each. Against a float64 truth, the float32
     gradient is within about `3e-7` at 4 steps and `1e-5` at 64; a float64 state
     (`state_dtype`, under x64) keeps full resolution.
 
@@ -408,6 +415,15 @@ class DEQLanguageModel(eqx.Module):
         model = revdeq.nn.DEQLanguageModel(256, 8, 16, 2, key=jax.random.key(0))
         tokens = jnp.zeros((2, 8), jnp.int32)  # (batch, seq_len)
         logits = predict(model, tokens)  # (2, 8, 256)
+
+        # A DEQ-Transformer with implicit gradients (tolerances must be zero).
+        deq = revdeq.nn.DEQLanguageModel(
+            256, 8, 16, 2, key=jax.random.key(0),
+            cell=revdeq.nn.DEQTransformerCell,
+            solver=revdeq.Anderson(rtol=0, atol=0),
+            adjoint=revdeq.ImplicitAdjoint(), max_steps=20,
+        )
+        logits = predict(deq, tokens)
         ```
     """
 
@@ -424,6 +440,7 @@ class DEQLanguageModel(eqx.Module):
         key: PRNGKeyArray,
         mlp_ratio: int = 4,
         mlp_depth: int = 1,
+        cell: type[TransformerCell] | type[DEQTransformerCell] = TransformerCell,
         solver: AbstractSolver = Reversible(beta=0.5, rtol=0.0, atol=0.0),
         adjoint: AbstractAdjoint = ReversibleAdjoint(),
         max_steps: int = 4,
@@ -439,17 +456,23 @@ class DEQLanguageModel(eqx.Module):
         - `key`: a PRNG key for the initialisation.
         - `mlp_ratio`: the cell's MLP width as a multiple of `dim`.
         - `mlp_depth`: the number of hidden layers of the cell's MLP.
+        - `cell`: the cell's class, [`revdeq.nn.TransformerCell`][] (pre-norm) or
+            [`revdeq.nn.DEQTransformerCell`][] (post-norm, with a fixed point), built
+            with the arguments above and its own defaults.
         - `solver`: a solver with zero tolerances, made position-wise (see
             above); by default `Reversible` steps with an `ExactState`.
         - `adjoint`, `max_steps`, `state_dtype`, `compute_dtype`: as in
             [`revdeq.nn.DEQ`][].
         """
+        if cell not in (TransformerCell, DEQTransformerCell):
+            raise ValueError(
+                "`cell` must be `revdeq.nn.TransformerCell` or "
+                f"`revdeq.nn.DEQTransformerCell` (the class), got {cell!r}."
+            )
         trunk_key, cell_key = jr.split(key)
         self.trunk = LanguageModelTrunk(vocab_size, seq_len, dim, key=trunk_key)
         self.deq = DEQ(
-            TransformerCell(
-                dim, num_heads, mlp_ratio, key=cell_key, mlp_depth=mlp_depth
-            ),
+            cell(dim, num_heads, mlp_ratio, key=cell_key, mlp_depth=mlp_depth),
             (seq_len, dim),
             solver=causal_solver(solver, max_steps),
             adjoint=adjoint,

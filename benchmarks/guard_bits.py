@@ -26,14 +26,12 @@ import jax.random as jr
 from _common import markdown_table
 
 import revdeq
+from revdeq.nn._models import residual_headroom_bits
 
 
-# The cells and the headroom rule are the tests' (`tests/helpers.py`).
+# The cells are the tests' (`tests/helpers.py`).
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from tests.helpers import (  # noqa: E402
-    compiler_sensitive_cells,
-    residual_headroom_bits,
-)
+from tests.helpers import compiler_sensitive_cells  # noqa: E402
 
 
 BATCH = 16
@@ -41,8 +39,11 @@ MAX_GUARD_BITS = 12
 
 
 def _headroom(name, steps):
-    # A residual cell grows with the steps.
-    return residual_headroom_bits(steps) if name == "transformer" else 6
+    # A residual cell grows with the steps: `DEQLanguageModel`'s headroom.
+    default = revdeq.ExactState()
+    if name == "transformer":
+        return residual_headroom_bits(default, steps)
+    return default.headroom_bits
 
 
 def _drift(cell, z0s, xs, *, beta, steps, unroll, headroom, guard_bits):

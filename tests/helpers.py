@@ -2,7 +2,6 @@
 
 import functools
 import json
-import math
 import os
 import subprocess
 import sys
@@ -181,9 +180,3 @@ def compiler_sensitive_cells(key) -> dict[str, tuple[eqx.Module, tuple[int, ...]
         ),
         "mlp": (revdeq.nn.MLPCell(dim=32, hidden=64, key=k5), (32,)),
     }
-
-
-def residual_headroom_bits(steps: int) -> int:
-    """`ExactState`'s headroom for a residual cell `z + g(z)`, which grows with the
-    steps: `DEQLanguageModel`'s rule."""
-    return 6 + max(0, math.ceil(math.log2(steps)) - 2)

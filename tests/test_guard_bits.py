@@ -13,12 +13,12 @@ import pytest
 
 import revdeq
 from revdeq._precision.fixed_point import from_grid_index, grid_index, guard, snap
+from revdeq.nn._models import residual_headroom_bits
 from revdeq.testing import relative_error
 
 from .helpers import (
     compiler_sensitive_cells,
     float64_loop_grad,
-    residual_headroom_bits,
     run_script,
     solve_grad,
 )
@@ -90,8 +90,10 @@ def test_snap_recovers_the_injection_strictly_within_the_radius():
 
 
 def _solver(name: str, beta: float, steps: int) -> revdeq.Reversible:
-    headroom = residual_headroom_bits(steps) if name == "transformer" else 6
-    precision = revdeq.ExactState(headroom_bits=headroom)
+    precision = revdeq.ExactState()
+    if name == "transformer":  # a residual cell: `DEQLanguageModel`'s headroom
+        headroom = residual_headroom_bits(precision, steps)
+        precision = revdeq.ExactState(headroom_bits=headroom)
     return revdeq.Reversible(beta=beta, rtol=0, atol=0, precision=precision)
 
 

@@ -318,12 +318,19 @@ class LanguageModelTrunk(eqx.Module):
         return self.readout(z)
 
 
+def residual_headroom_bits(precision: ExactState, max_steps: int) -> int:
+    """The headroom of `precision` for a residual cell `z + g(z)`, whose state grows
+    with the number of steps: one more bit per doubling of `max_steps` past 4."""
+    return precision.headroom_bits + max(0, math.ceil(math.log2(max_steps)) - 2)
+
+
 def causal_solver(solver: AbstractSolver, max_steps: int) -> AbstractSolver:
     """`solver` with the positions of a sequence (the leading axis of the state)
     kept independent, or a `ValueError` for one that cannot be made so.
 
-    An `ExactState` also gets `log2(max_steps / 4)` more bits of headroom: the
-    residual Transformer cell's state grows with the number of steps.
+    An `ExactState` also gets `log2(max_steps / 4)` more bits of headroom
+    (`residual_headroom_bits`): the residual Transformer cell's state grows with the
+    number of steps.
     """
     if solver.rtol != 0 or solver.atol != 0:
         raise ValueError(
@@ -335,11 +342,10 @@ def causal_solver(solver: AbstractSolver, max_steps: int) -> AbstractSolver:
         return dataclasses.replace(solver, rowwise=True)
     if isinstance(solver, Reversible):
         if isinstance(solver.precision, ExactState):
-            extra_bits = max(0, math.ceil(math.log2(max_steps)) - 2)
             precision = dataclasses.replace(
                 solver.precision,
                 rowwise=True,
-                headroom_bits=solver.precision.headroom_bits + extra_bits,
+                headroom_bits=residual_headroom_bits(solver.precision, max_steps),
             )
             return dataclasses.replace(solver, precision=precision)
         if isinstance(solver.precision, FloatState):

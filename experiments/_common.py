@@ -19,6 +19,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import numpy as np
 from tqdm import tqdm
 
 import revdeq
@@ -29,7 +30,12 @@ VARIANTS = ("revdeq", "deq", "phantom", "explicit")
 # Damping of the phantom gradient's differentiated iterations.
 PHANTOM_DAMPING = 0.5
 _LOG_EVERY = 20
-_CELLS = (revdeq.nn.MLPCell, revdeq.nn.ConvCell, revdeq.nn.TransformerCell)
+_CELLS = (
+    revdeq.nn.MLPCell,
+    revdeq.nn.ConvCell,
+    revdeq.nn.TransformerCell,
+    revdeq.nn.DEQTransformerCell,
+)
 
 
 def add_common_arguments(
@@ -122,6 +128,23 @@ def equilibrium_config(variant: str, steps: int, beta: float) -> dict[str, Any]:
         adjoint = revdeq.PhantomAdjoint(steps=steps, damping=PHANTOM_DAMPING)
         return dict(solver=solver, adjoint=adjoint, max_steps=budget - steps)
     raise ValueError(f"{variant!r} is not an equilibrium variant.")
+
+
+class Residuals:
+    """Relative residuals of the solves (forward, or the backward linear solves),
+    collected on the host during training, e.g. by `jax.debug.callback` or an
+    `ImplicitAdjoint`'s `on_residual`."""
+
+    def __init__(self):
+        self.values: list[float] = []
+
+    def append(self, residual) -> None:
+        self.values.extend(np.ravel(np.asarray(residual)).tolist())
+
+    def recent_mean(self) -> float:
+        """The mean over the last tenth of training."""
+        recent = self.values[-max(len(self.values) // 10, 1) :]
+        return float(np.mean(recent))
 
 
 class _Tally:

@@ -32,22 +32,33 @@ a model that does not beat them has learned nothing more.
 cost `2k + 1` evaluations of the cell per example.
 
 - `revdeq`: `Reversible` steps (β 0.5) on an exact fixed-point state, exact gradients,
-  no regulariser.
-- `deq`: causal (per-position) Anderson with `rtol = atol = 0` and implicit
-  gradients from a bounded GMRES solve of as many vector-Jacobian products as forward
-  evaluations, whose residual is logged. It gets what its authors used to stabilise
-  it: weight normalisation of the cell and a Jacobian penalty (`--jacobian-penalty`).
-  It runs at each budget of `--deq-evals` (default `2k + 1`, `4k + 1` and `8k + 1`),
-  as `deq-<evals>`.
-- `deq-noreg`: the same at `2k + 1` evaluations, without weight normalisation or
-  penalty.
-- `phantom`: causal Anderson, then `k` differentiated damped steps (phantom
-  gradients), `2k + 1` evaluations in all.
-
-`--deq-solver fixed-point` replaces Anderson by plain fixed-point iteration in the
-`deq` and `phantom` models.
+  no regulariser, on the RevDEQ paper's pre-norm `TransformerCell` (`z + g(z)`),
+  which suits a fixed budget of a few steps but has no fixed point to find.
+- `deq`: Bai et al.'s post-norm `DEQTransformerCell`, whose fixed point the solvers
+  reach, solved by causal (per-position) Anderson with a history of 2 and
+  `rtol = atol = 0`, with implicit gradients from a GMRES solve bounded by the
+  forward budget (`restart` = the evaluations, two cycles at most), whose residual
+  is logged. It gets what its authors used to stabilise it: weight
+  normalisation of the cell (the cell's default) and a Jacobian penalty
+  (`--jacobian-penalty`). It runs at each budget of `--deq-evals` (default
+  `2k + 1`, `4k + 1` and `8k + 1`), as `deq-<evals>`.
+- `deq-noreg`: the same at `2k + 1` evaluations, without weight normalisation
+  (`weight_norm=False`) or penalty.
+- `phantom`: the weight-normalised `DEQTransformerCell`, causal Anderson, then `k`
+  differentiated damped steps (phantom gradients), `2k + 1` evaluations in all.
 - `explicit`: a weight-untied Transformer of `2k + 1` layers (equal evaluations).
 - `explicit-1`: one layer, the parameters of the DEQs (equal parameters).
+
+The table's `cell` column names each model's cell. `--deq-solver fixed-point`
+replaces Anderson by plain fixed-point iteration in the `deq` and `phantom` models.
+
+**Do the DEQs reach a fixed point?** Each equilibrium model reports
+`forward_residual`: the relative residual `‖f(z) − z‖ / ‖f(z)‖` of its forward
+solve, averaged over the evaluation windows of both held-out splits after
+training (training logs it too). For the `deq` models it sits beside
+`backward_residual`, the relative residual of the backward linear solve averaged
+over the last tenth of training. RevDEQ's forward residual measures how far its
+fixed budget of steps is from a fixed point of a cell that has none.
 
 `--paper` sets the paper's Wikitext-103 model (width 768, 12 heads, sequences of 448
 GPT-2 tokens, vocabulary 50304, MLP depth 2); it needs a GPT-2 tokenizer from
@@ -56,8 +67,9 @@ GPT-2 tokens, vocabulary 50304, MLP depth 2); it needs a GPT-2 tokenizer from
 Writes, under `--out`: `results.json` and `results.md` (per model, the mean over
 `--seeds` and the spread of each measurement: `test_bits_per_token` (bits per byte on
 a byte-level corpus), `validation_bits_per_token`, `tokens_per_second`,
-`wall_time_s`, `nfe_forward`, `nfe_backward`, `peak_memory_bytes`, `num_params`, and
-for `deq` models `backward_residual`; the n-gram rows hold only the bits per token),
+`wall_time_s`, `nfe_forward`, `nfe_backward`, `peak_memory_bytes`, `num_params`,
+its `cell`, for the equilibrium models `forward_residual`, and for `deq` models
+`backward_residual`; the n-gram rows hold only the bits per token),
 `bits_vs_evals.png` (the n-grams as horizontal lines), `learning_curves.png` (seed 0),
 and per model and seed `metrics.jsonl` and `checkpoints/`.
 """
@@ -106,7 +118,13 @@ def gpt2_tokens(corpus: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 VARIANTS = ("revdeq", "deq", "deq-noreg", "phantom", "explicit", "explicit-1")
 NGRAM_ORDERS = (1, 2, 3, 4)
-_DEQ_SOLVERS = {"anderson": revdeq.Anderson, "fixed-point": revdeq.FixedPointIteration}
+# Anderson with a short history: on the DEQ-Transformer cell at width 32 it reached
+# lower forward residuals than the default history of 5 after a short training run,
+# and a longer history can stall at a few positions.
+_DEQ_SOLVERS = {
+    "anderson": revdeq.Anderson(history=2, rtol=0, atol=0),
+    "fixed-point": revdeq.FixedPointIteration(rtol=0, atol=0),
+}
 _VARIANTS_HELP = "See above."
 
 
@@ -192,22 +210,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-class _Residuals:
-    """The relative residuals of the backward linear solves, logged on the host."""
-
-    def __init__(self):
-        self.values: list[float] = []
-
-    def append(self, residual) -> None:
-        self.values.extend(np.ravel(np.asarray(residual)).tolist())
-
-    def recent_mean(self) -> float:
-        """The mean over the last tenth of training."""
-        recent = self.values[-max(len(self.values) // 10, 1) :]
-        return float(np.mean(recent))
-
-
-def build_model(args, variant: str, evals: int, key, residuals: _Residuals | None):
+def build_model(
+    args, variant: str, evals: int, key, residuals: _common.Residuals | None
+):
     """The model of one variant; `evals` is the deq models' forward budget."""
     model_args = (args.vocab_size, args.seq_len, args.dim, args.num_heads)
     if variant.startswith("explicit"):
@@ -216,51 +221,89 @@ def build_model(args, variant: str, evals: int, key, residuals: _Residuals | Non
             *model_args, key=key, mlp_depth=args.mlp_depth, num_layers=layers
         )
     if variant.startswith("deq"):
-        # A bounded backward solve: GMRES spends about one VJP per forward evaluation.
+        # A backward solve bounded by the forward budget. On this cell it ends at a
+        # residual of 1e-7 to 1e-6 and trains as well as `ImplicitAdjoint()`'s
+        # default GMRES (to 1e-5, restarts of 20) at a third of its
+        # vector-Jacobian products (measured at width 32, 5 evaluations).
         gmres = lx.GMRES(rtol=0, atol=0, restart=evals, max_steps=2)
         implicit = revdeq.ImplicitAdjoint(gmres, on_residual=residuals.append)
         config = dict(adjoint=implicit, max_steps=evals)
     else:
         config = _common.equilibrium_config(variant, args.steps, args.beta)
     if variant != "revdeq":
-        config["solver"] = _DEQ_SOLVERS[args.deq_solver](rtol=0, atol=0)
+        config |= dict(
+            cell=revdeq.nn.DEQTransformerCell, solver=_DEQ_SOLVERS[args.deq_solver]
+        )
     model = revdeq.nn.DEQLanguageModel(
         *model_args, key=key, mlp_depth=args.mlp_depth, **config
     )
-    if variant == "deq":
-        model = eqx.tree_at(
-            lambda m: m.deq.cell, model, revdeq.nn.apply_weight_norm(model.deq.cell)
+    if variant == "deq-noreg":
+        cell = model.deq.cell
+        plain = revdeq.nn.DEQTransformerCell(
+            cell.dim,
+            cell.num_heads,
+            cell.mlp_ratio,
+            key=jax.random.fold_in(key, 1),
+            mlp_depth=cell.mlp_depth,
+            weight_norm=False,
         )
+        model = eqx.tree_at(lambda m: m.deq.cell, model, plain)
     return model
+
+
+def cell_name(model) -> str:
+    """The table's name for a model's cell: its class, with `+ weight norm` where it
+    is weight-normalised and `n ×` for a stack of `n` distinct cells."""
+    if isinstance(model, revdeq.nn.ExplicitLanguageModel):
+        return f"{model.stack.num_layers} × {type(model.stack.cells).__name__}"
+    cell = model.deq.cell
+    is_norm = lambda node: isinstance(node, eqx.nn.WeightNorm)  # noqa: E731
+    normalised = any(map(is_norm, jax.tree.leaves(cell, is_leaf=is_norm)))
+    return type(cell).__name__ + (" + weight norm" if normalised else "")
 
 
 def make_loss(jacobian_penalty: float):
     """Cross-entropy in nats per token, plus, if `jacobian_penalty` is nonzero, that
-    multiple of the Jacobian penalty at each sequence's fixed point."""
+    multiple of the Jacobian penalty at each sequence's fixed point. An equilibrium
+    model also reports the mean relative residual of its forward solves,
+    `forward_residual`."""
 
     def loss_fn(model, batch, key):
         inputs, targets = batch
-        if jacobian_penalty == 0:
-            logits = jax.vmap(model)(inputs)
+        if isinstance(model, revdeq.nn.ExplicitLanguageModel):
+            logits, solves = jax.vmap(model)(inputs), {}
             penalty = jnp.zeros(())
         else:
 
             def one(tokens, key):
                 x = model.trunk.embed(tokens)
-                z, _ = model.deq(x)
-                jac = revdeq.nn.jacobian_frobenius_penalty(model.deq.fn, z, x, key=key)
-                return model.trunk.readout(z), jac
+                z, stats = model.deq(x)
+                if jacobian_penalty == 0:
+                    jac = jnp.zeros(())
+                else:
+                    fn = model.deq.fn
+                    jac = revdeq.nn.jacobian_frobenius_penalty(fn, z, x, key=key)
+                return model.trunk.readout(z), stats["residual"], jac
 
             keys = jax.random.split(key, len(inputs))
-            logits, penalties = jax.vmap(one)(inputs, keys)
+            logits, residuals, penalties = jax.vmap(one)(inputs, keys)
             penalty = jnp.mean(penalties)
+            solves = {"forward_residual": jnp.mean(residuals)}
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
         return ce + jacobian_penalty * penalty, {
             "cross_entropy": ce,
             "jacobian": penalty,
+            **solves,
         }
 
     return loss_fn
+
+
+def _mean_over_windows(steps: list[tuple[int, dict]], name: str) -> float:
+    """The mean of a metric over evaluation batches `(windows, metrics)`, each
+    weighed by its number of windows."""
+    total = sum(size * float(metrics[name]) for size, metrics in steps)
+    return total / sum(size for size, _ in steps)
 
 
 def runs_of(args) -> list[tuple[str, str, int]]:
@@ -327,20 +370,31 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         )
 
     @revdeq.train.make_eval_step
-    def mean_loss(model, batch):
-        return {"loss": cross_entropy(model, batch, None)[0]}
+    def eval_step(model, batch):
+        loss, metrics = cross_entropy(model, batch, jax.random.key(0))
+        solves = {k: v for k, v in metrics.items() if k == "forward_residual"}
+        return {"loss": loss, **solves}
 
     def evaluate(model):
-        metrics = {}
+        """Bits per token on each held-out split, and an equilibrium model's mean
+        forward residual over both. Means over every target of every window."""
+        metrics, steps = {}, []
         for split, windows in held_out.items():
-            # The mean over every target of every window: batches weigh by size.
-            nats, count = 0.0, 0
-            for batch in revdeq.data.sequence_batches(
-                windows, args.seq_len, args.batch_size, shuffle=False, drop_last=False
-            ):
-                nats += float(mean_loss(model, batch)["loss"]) * len(batch[0])
-                count += len(batch[0])
-            metrics[f"{split}_bits_per_token"] = nats / count / math.log(2)
+            split_steps = [
+                (len(batch[0]), eval_step(model, batch))
+                for batch in revdeq.data.sequence_batches(
+                    windows,
+                    args.seq_len,
+                    args.batch_size,
+                    shuffle=False,
+                    drop_last=False,
+                )
+            ]
+            nats = _mean_over_windows(split_steps, "loss")
+            metrics[f"{split}_bits_per_token"] = nats / math.log(2)
+            steps += split_steps
+        if "forward_residual" in steps[0][1]:
+            metrics["forward_residual"] = _mean_over_windows(steps, "forward_residual")
         return metrics
 
     num_batches = len(train_windows) // args.batch_size
@@ -350,7 +404,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         loss_fn = make_loss(penalty)
         rows = []
         for seed in args.seeds:
-            residuals = _Residuals()
+            residuals = _common.Residuals()
             key = jax.random.key(seed)
             model = build_model(args, variant, evals, key, residuals)
             seed_args = argparse.Namespace(**{**vars(args), "seed": seed})
@@ -366,6 +420,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             example = jax.tree.map(lambda a: a[:1], next(batches(jax.random.key(0))))
             train_tokens_seen = summary["steps"] * args.batch_size * args.seq_len
             row = {
+                "cell": cell_name(model),
                 "test_bits_per_token": summary["test_bits_per_token"],
                 "validation_bits_per_token": summary["validation_bits_per_token"],
                 "tokens_per_second": train_tokens_seen / summary["train_time_s"],
@@ -374,6 +429,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                 "peak_memory_bytes": summary["peak_memory_bytes"],
                 "num_params": revdeq.nn.count_parameters(model),
             }
+            if "forward_residual" in summary:
+                row["forward_residual"] = summary["forward_residual"]
             if residuals.values:
                 row["backward_residual"] = residuals.recent_mean()
             rows.append(row)

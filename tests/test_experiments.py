@@ -6,7 +6,9 @@ import math
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import revdeq
@@ -44,26 +46,64 @@ def check_reports(
     assert (out / "learning_curves.png").stat().st_size > 0
 
 
-@pytest.mark.slow  # about 70 s: four models compile and train
+TINY_IMAGES = ["--channels", "4", "--group-size", "2", "--limit-test", "10"]
+
+
+@pytest.mark.slow  # about 4 minutes: seven models compile and train
 @pytest.mark.standard_promotion  # optax's Adam
-def test_image_classification(scripts, tmp_path):
-    scripts["image"].main(
-        [*TINY, "--model", "all", "--limit-train", "256", "--limit-test", "100",
-         "--channels", "8", "--width", "16", "--hidden", "16", "--out",
-         str(tmp_path)]
+def test_image_comparison_trains_every_model(scripts, tmp_path):
+    """Every model of the comparison, at two DEQ budgets, trains one step on a few
+    images, and the reports are complete."""
+    results = scripts["image"].main(
+        [*TINY, *TINY_IMAGES, "--batch-size", "8", "--limit-train", "8",
+         "--model", "all", "--deq-evals", "3", "5", "--out", str(tmp_path)]
     )  # fmt: skip
-    keys = ["test_accuracy", "wall_time_s", "nfe_forward", "nfe_backward",
-            "peak_memory_bytes", "num_params"]  # fmt: skip
-    check_reports(tmp_path, ["revdeq", "deq", "phantom", "explicit"], keys)
-    results = json.loads((tmp_path / "results.json").read_text())
+    models = ["revdeq", "deq-3", "deq-5", "deq-noreg", "phantom", "explicit",
+              "explicit-1"]  # fmt: skip
+    keys = ["test_accuracy", "images_per_second", "wall_time_s", "nfe_forward",
+            "nfe_backward", "peak_memory_bytes", "num_params"]  # fmt: skip
+    check_reports(tmp_path, models, keys, runs="seed-0")
+    assert (tmp_path / "accuracy_vs_evals.png").stat().st_size > 0
+    # One stage, k = 1: three evaluations per solve. The deq models' Jacobian penalty
+    # evaluates the cell once more, and their fixed-point correction twice.
+    evals = {model: results[model]["nfe_forward"] for model in models}
+    assert evals == {"revdeq": 3, "deq-3": 6, "deq-5": 8, "deq-noreg": 3,
+                     "phantom": 3, "explicit": 3, "explicit-1": 1}  # fmt: skip
     assert results["revdeq"]["nfe_backward"] == 2  # Two per reversible step.
+    for model in ("revdeq", "deq-3", "deq-5", "deq-noreg", "phantom"):
+        assert 0 <= results[model]["forward_residual"] < math.inf
+    for model in ("deq-3", "deq-5", "deq-noreg"):
+        assert 0 <= results[model]["backward_residual"] < math.inf
+    params = {model: results[model]["num_params"] for model in models}
+    assert params["explicit-1"] == params["revdeq"] == params["deq-noreg"]
+    # Weight normalisation adds a gain per output channel of each convolution.
+    assert params["deq-3"] == params["deq-noreg"] + 4 + 4
+
+
+@pytest.mark.slow  # about 40 s: compiles a training step
+@pytest.mark.standard_promotion  # optax's Adam
+def test_image_revdeq_loss_falls(scripts):
+    """The RevDEQ ResNet fits a tiny fixed batch: its loss falls within a few steps."""
+    module = scripts["image"]
+    args = module.parse_args(["--steps", "2", "--channels", "4", "--group-size", "2"])
+    model = module.build_model(args, (1, 8, 8), 3, "revdeq", jax.random.key(0))
+    images = jax.random.uniform(jax.random.key(1), (6, 8, 8, 1))
+    batch = (images, jnp.arange(6) % 3)
+    loss_fn = module.make_loss()
+    optimiser = optax.adam(1e-2)
+    opt_state = revdeq.train.init_optimiser(optimiser, model)
+    step = revdeq.train.make_step(loss_fn, optimiser)
+    losses = []
+    for i in range(8):
+        model, opt_state, metrics = step(model, opt_state, batch, jax.random.key(i))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.9 * losses[0], losses
 
 
 @pytest.mark.slow  # about 30 s: two training runs; keeps the default run's margin
 @pytest.mark.standard_promotion  # optax's Adam
 def test_image_classification_resume(scripts, tmp_path):
-    args = [*TINY, "--limit-train", "64", "--limit-test", "50", "--channels", "8",
-            "--width", "16", "--hidden", "16", "--out", str(tmp_path)]  # fmt: skip
+    args = [*TINY, *TINY_IMAGES, "--limit-train", "64", "--out", str(tmp_path)]
     first = scripts["image"].main(args)
     resumed = scripts["image"].main([*args, "--resume"])
     assert resumed["revdeq"]["test_accuracy"] == first["revdeq"]["test_accuracy"]
@@ -107,6 +147,19 @@ def test_language_comparison_trains_every_model(scripts, tmp_path):
     # Relative to the cotangent; above 1 where the cell expands it.
     for model in ("deq-3", "deq-5", "deq-noreg"):
         assert 0 < results[model]["backward_residual"] < math.inf
+    # Every equilibrium model reports how far its forward solve is from a fixed
+    # point; the explicit ones have none.
+    for model in ("revdeq", "deq-3", "deq-5", "deq-noreg", "phantom"):
+        assert 0 < results[model]["forward_residual"] < math.inf, model
+    assert "forward_residual" not in results["explicit"]
+    header = (tmp_path / "results.md").read_text().splitlines()[0]
+    assert {"forward_residual", "backward_residual"} <= set(header.split(" | "))
+    deq_cell = "DEQTransformerCell + weight norm"
+    cells = {model: results[model]["cell"] for model in models}
+    assert cells == {"revdeq": "TransformerCell", "deq-3": deq_cell,
+                     "deq-5": deq_cell, "deq-noreg": "DEQTransformerCell",
+                     "phantom": deq_cell, "explicit": "3 × TransformerCell",
+                     "explicit-1": "1 × TransformerCell"}  # fmt: skip
     explicit, deq = (results[m]["num_params"] for m in ("explicit-1", "deq-noreg"))
     assert explicit == deq
 

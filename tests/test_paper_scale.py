@@ -6,7 +6,6 @@ import pathlib
 import subprocess
 import sys
 
-import equinox as eqx
 import jax
 import pytest
 
@@ -40,8 +39,8 @@ def reduced_parameter_counts() -> dict[str, int]:
     )
     sizes = dict(vocab_size=256, seq_len=32, dim=32, num_heads=4, mlp_depth=2)
     deq = revdeq.nn.DEQLanguageModel(**sizes, key=key)
-    normalised = eqx.tree_at(
-        lambda m: m.deq.cell, deq, revdeq.nn.apply_weight_norm(deq.deq.cell)
+    deq_transformer = revdeq.nn.DEQLanguageModel(
+        **sizes, cell=revdeq.nn.DEQTransformerCell, key=key
     )
     transformer = revdeq.nn.ExplicitLanguageModel(**sizes, num_layers=9, key=key)
     count = revdeq.nn.count_parameters
@@ -50,7 +49,7 @@ def reduced_parameter_counts() -> dict[str, int]:
         "image/deq": count(implicit),
         "image/explicit": count(explicit),
         "language/revdeq": count(deq),
-        "language/deq": count(normalised),
+        "language/deq": count(deq_transformer),
         "language/explicit": count(transformer),
     }
 

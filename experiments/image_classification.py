@@ -1,8 +1,8 @@
 r"""Image classification: the RevDEQ paper's implicit ResNet against DEQs and explicit
 ResNets.
 
-Run the comparison (estimated from timed training steps at 115 minutes on 2 CPU
-cores shared with other jobs, about 45 on 2 idle ones; see `docs/experiments.md`):
+Run the comparison (estimated from timed training steps at about 40 minutes on 2
+idle CPU cores, 100 on 2 cores shared with other jobs; see `docs/experiments.md`):
 
     python experiments/image_classification.py --model all --seeds 0 1 --steps 2 \
         --limit-train 4096 --limit-test 1000 --out runs/image_comparison

@@ -19,6 +19,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -35,6 +36,8 @@ _CELLS = (
     revdeq.nn.TransformerCell,
     revdeq.nn.DEQTransformerCell,
 )
+
+_EVAL_BATCH = 500
 
 
 def add_common_arguments(
@@ -99,6 +102,90 @@ def add_common_arguments(
         action="store_true",
         help="continue each model from its latest checkpoint in --out",
     )
+
+
+def add_comparison_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """The options of a comparison over seeds and DEQ budgets: `--seeds` and
+    `--deq-evals` (the forward evaluations `what`, e.g. "per stage")."""
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="train each model once per seed and report the mean and spread "
+        "(default: --seed)",
+    )
+    parser.add_argument(
+        "--deq-evals",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help=f"the forward evaluations {what} of each deq run (default: 2k+1, "
+        "4k+1, 8k+1)",
+    )
+
+
+def parse_comparison_arguments(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> argparse.Namespace:
+    """Parse `argv`, filling in the defaults of `add_comparison_arguments`."""
+    args = parser.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = [args.seed]
+    if args.deq_evals is None:
+        args.deq_evals = [forward_evals(m * args.steps) for m in (1, 2, 4)]
+    if any(n < 2 for n in args.deq_evals):
+        parser.error("--deq-evals: each budget needs at least 2 evaluations")
+    return args
+
+
+def comparison_runs(
+    args: argparse.Namespace, variants: tuple[str, ...]
+) -> list[tuple[str, str, int]]:
+    """`(name, variant, forward evaluations)` of every model to train: one
+    `deq-<evals>` per budget of `--deq-evals`, the others at RevDEQ's."""
+    base = forward_evals(args.steps)
+    runs = []
+    for variant in selected_variants(args.model, variants):
+        if variant == "deq":
+            runs += [(f"deq-{n}", variant, n) for n in args.deq_evals]
+        else:
+            runs.append((variant, variant, base))
+    return runs
+
+
+def image_logits(model: Callable, images: jax.Array) -> jax.Array:
+    """Logits of a channels-last batch of images, one at a time under `vmap`."""
+    return jax.vmap(model)(jnp.moveaxis(images, -1, -3))
+
+
+@eqx.filter_jit
+def _num_correct(model: Callable, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+    images, labels = batch
+    return jnp.sum(image_logits(model, images).argmax(-1) == labels)
+
+
+class ImageTask:
+    """Training batches and test accuracy on an image dataset, `{"train": (images,
+    labels), "test": ...}` as `revdeq.data` loads it, cut to `--limit-train` and
+    `--limit-test` images."""
+
+    def __init__(self, data: dict[str, tuple[np.ndarray, np.ndarray]], args) -> None:
+        self.train = tuple(a[: args.limit_train] for a in data["train"])
+        self.test = tuple(a[: args.limit_test] for a in data["test"])
+        self.batch_size: int = args.batch_size
+        self.num_batches = len(self.train[1]) // args.batch_size
+
+    def batches(self, key: jax.Array) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+        """One epoch of shuffled training batches."""
+        return revdeq.data.image_batches(*self.train, self.batch_size, key=key)
+
+    def evaluate(self, model: Callable) -> dict[str, float]:
+        """`{"test_accuracy": ...}` over the test images."""
+        test = revdeq.data.image_batches(
+            *self.test, _EVAL_BATCH, shuffle=False, drop_last=False
+        )
+        correct = sum(int(_num_correct(model, batch)) for batch in test)
+        return {"test_accuracy": correct / len(self.test[1])}
 
 
 def selected_variants(

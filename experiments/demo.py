@@ -22,12 +22,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
 import revdeq
 
 
-_EVAL_BATCH = 500
 _DEFAULTS = dict(epochs=8, batch_size=128, lr=2e-3, steps=4, out="runs/demo")
 
 
@@ -80,25 +79,12 @@ class FashionClassifier(eqx.Module):
         return self.head(z)
 
 
-def _logits(model: FashionClassifier, images: Float[Array, "b 28 28 1"]) -> Array:
-    """Logits of a channels-last batch, one example at a time under `vmap`."""
-    return jax.vmap(model)(jnp.moveaxis(images, -1, -3))
-
-
 def loss_fn(model: FashionClassifier, batch: tuple[Array, Array], key: PRNGKeyArray):
     del key
     images, labels = batch
-    logits = _logits(model, images)
+    logits = _common.image_logits(model, images)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, {"accuracy": jnp.mean(logits.argmax(-1) == labels)}
-
-
-@eqx.filter_jit
-def _num_correct(
-    model: FashionClassifier, batch: tuple[Array, Array]
-) -> Int[Array, ""]:
-    images, labels = batch
-    return jnp.sum(_logits(model, images).argmax(-1) == labels)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -113,22 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     """Train the requested models, print and write the reports, return the results."""
     args = parse_args(argv)
-    data = revdeq.data.load_fashion_mnist()
-    train_images, train_labels = (a[: args.limit_train] for a in data["train"])
-    test_images, test_labels = (a[: args.limit_test] for a in data["test"])
+    task = _common.ImageTask(revdeq.data.load_fashion_mnist(), args)
     out = pathlib.Path(args.out)
-
-    def batches(key):
-        return revdeq.data.image_batches(
-            train_images, train_labels, args.batch_size, key=key
-        )
-
-    def evaluate(model):
-        test = revdeq.data.image_batches(
-            test_images, test_labels, _EVAL_BATCH, shuffle=False, drop_last=False
-        )
-        correct = sum(int(_num_correct(model, batch)) for batch in test)
-        return {"test_accuracy": correct / len(test_labels)}
 
     results = {}
     for variant in _common.selected_variants(args.model):
@@ -138,13 +110,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         model, summary = _common.train(
             model,
             loss_fn,
-            evaluate,
-            batches,
-            num_batches=len(train_labels) // args.batch_size,
+            task.evaluate,
+            task.batches,
+            num_batches=task.num_batches,
             args=args,
             out=out / variant,
         )
-        example = jax.tree.map(lambda a: a[:1], next(batches(jax.random.key(0))))
+        example = jax.tree.map(lambda a: a[:1], next(task.batches(jax.random.key(0))))
         results[variant] = {
             "test_accuracy": summary["test_accuracy"],
             "wall_time_s": summary["wall_time_s"],

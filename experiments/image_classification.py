@@ -79,7 +79,6 @@ VARIANTS = ("revdeq", "deq", "deq-noreg", "phantom", "explicit", "explicit-1")
 _VARIANTS_HELP = "See above."
 # The decay of the fixed-point correction's weights towards earlier steps.
 CORRECTION_GAMMA = 0.8
-_EVAL_BATCH = 500
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -113,21 +112,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="channels per group-norm group; must divide every width (%(default)s)",
     )
     parser.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        help="train each model once per seed and report the mean and spread "
-        "(default: --seed)",
-    )
-    parser.add_argument(
-        "--deq-evals",
-        type=int,
-        nargs="+",
-        metavar="N",
-        help="the forward evaluations per stage of each deq run (default: 2k+1, "
-        "4k+1, 8k+1)",
-    )
-    parser.add_argument(
         "--jacobian-penalty",
         type=float,
         default=0.1,
@@ -152,14 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         variants=VARIANTS,
         variants_help=_VARIANTS_HELP,
     )
+    _common.add_comparison_arguments(parser, "per stage")
     parser.set_defaults(batch_size=64)
-    args = parser.parse_args(argv)
-    if args.seeds is None:
-        args.seeds = [args.seed]
-    if args.deq_evals is None:
-        args.deq_evals = [_common.forward_evals(m * args.steps) for m in (1, 2, 4)]
-    if any(n < 2 for n in args.deq_evals):
-        parser.error("--deq-evals: each budget needs at least 2 evaluations")
+    args = _common.parse_comparison_arguments(parser, argv)
     if args.correction_steps < 0:
         parser.error("--correction-steps must be >= 0")
     if args.paper:
@@ -312,53 +291,21 @@ def make_loss(
     return loss_fn
 
 
-@eqx.filter_jit
-def _num_correct(model, batch) -> Int[Array, ""]:
-    images, labels = batch
-    logits = jax.vmap(model)(jnp.moveaxis(images, -1, -3))
-    return jnp.sum(logits.argmax(-1) == labels)
-
-
-def runs_of(args: argparse.Namespace) -> list[tuple[str, str, int]]:
-    """`(name, variant, deq evaluations per stage)` of every model to train."""
-    base = _common.forward_evals(args.steps)
-    runs = []
-    for variant in _common.selected_variants(args.model, VARIANTS):
-        if variant == "deq":
-            runs += [(f"deq-{n}", variant, n) for n in args.deq_evals]
-        else:
-            runs.append((variant, variant, base))
-    return runs
-
-
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     """Train every requested model once per seed, write the reports and return the
     results (per model, the means and spreads over the seeds)."""
     args = parse_args(argv)
     revdeq.train.maybe_initialize_distributed()
     data = _LOADERS[args.dataset]()
-    train_images, train_labels = (a[: args.limit_train] for a in data["train"])
-    test_images, test_labels = (a[: args.limit_test] for a in data["test"])
-    channels = 1 if train_images.ndim == 3 else train_images.shape[3]
-    image_shape = (channels, *train_images.shape[1:3])
+    task = _common.ImageTask(data, args)
+    images = task.train[0]
+    channels = 1 if images.ndim == 3 else images.shape[3]
+    image_shape = (channels, *images.shape[1:3])
     num_classes = int(np.max(data["train"][1])) + 1
     out = pathlib.Path(args.out)
 
-    def batches(key):
-        return revdeq.data.image_batches(
-            train_images, train_labels, args.batch_size, key=key
-        )
-
-    def evaluate(model):
-        test = revdeq.data.image_batches(
-            test_images, test_labels, _EVAL_BATCH, shuffle=False, drop_last=False
-        )
-        correct = sum(int(_num_correct(model, batch)) for batch in test)
-        return {"test_accuracy": correct / len(test_labels)}
-
-    num_batches = len(train_labels) // args.batch_size
     results = {}
-    for name, variant, evals in runs_of(args):
+    for name, variant, evals in _common.comparison_runs(args, VARIANTS):
         rows = []
         for seed in args.seeds:
             forward, backward = _common.Residuals(), _common.Residuals()
@@ -382,13 +329,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             model, summary = _common.train(
                 model,
                 loss_fn,
-                evaluate,
-                batches,
-                num_batches=num_batches,
+                task.evaluate,
+                task.batches,
+                num_batches=task.num_batches,
                 args=seed_args,
                 out=out / name / f"seed-{seed}",
             )
-            example = jax.tree.map(lambda a: a[:1], next(batches(jax.random.key(0))))
+            example = jax.tree.map(
+                lambda a: a[:1], next(task.batches(jax.random.key(0)))
+            )
             row = {
                 "test_accuracy": summary["test_accuracy"],
                 "images_per_second": summary["steps"]

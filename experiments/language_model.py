@@ -160,20 +160,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=128, help="(%(default)s)")
     parser.add_argument("--mlp-depth", type=int, default=1, help="(%(default)s)")
     parser.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        help="train each model once per seed and report the mean and spread "
-        "(default: --seed)",
-    )
-    parser.add_argument(
-        "--deq-evals",
-        type=int,
-        nargs="+",
-        metavar="N",
-        help="the forward evaluations of each deq run (default: 2k+1, 4k+1, 8k+1)",
-    )
-    parser.add_argument(
         "--deq-solver",
         choices=tuple(_DEQ_SOLVERS),
         default="anderson",
@@ -196,14 +182,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         variants=VARIANTS,
         variants_help=_VARIANTS_HELP,
     )
+    _common.add_comparison_arguments(parser, "per solve")
     parser.set_defaults(beta=0.5, batch_size=16, lr=1e-3)
-    args = parser.parse_args(argv)
-    if args.seeds is None:
-        args.seeds = [args.seed]
-    if args.deq_evals is None:
-        args.deq_evals = [_common.forward_evals(m * args.steps) for m in (1, 2, 4)]
-    if any(n < 2 for n in args.deq_evals):
-        parser.error("--deq-evals: each budget needs at least 2 evaluations")
+    args = _common.parse_comparison_arguments(parser, argv)
     args.vocab_size = revdeq.data.BYTE_VOCAB_SIZE
     if args.paper:
         vars(args).update(_PAPER, dataset="wikitext103")
@@ -306,18 +287,6 @@ def _mean_over_windows(steps: list[tuple[int, dict]], name: str) -> float:
     return total / sum(size for size, _ in steps)
 
 
-def runs_of(args) -> list[tuple[str, str, int]]:
-    """`(name, variant, deq evaluations)` of every model to train."""
-    base = _common.forward_evals(args.steps)
-    runs = []
-    for variant in _common.selected_variants(args.model, VARIANTS):
-        if variant == "deq":
-            runs += [(f"deq-{n}", variant, n) for n in args.deq_evals]
-        else:
-            runs.append((variant, variant, base))
-    return runs
-
-
 def ngram_rows(
     train_windows: np.ndarray, held_out: dict[str, np.ndarray], vocab_size: int
 ) -> dict[str, dict[str, float]]:
@@ -399,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
 
     num_batches = len(train_windows) // args.batch_size
     results = {}
-    for name, variant, evals in runs_of(args):
+    for name, variant, evals in _common.comparison_runs(args, VARIANTS):
         penalty = args.jacobian_penalty if variant == "deq" else 0.0
         loss_fn = make_loss(penalty)
         rows = []

@@ -443,7 +443,6 @@ def _reversible_solve_bwd(
     return report_failure(grads, failures, throw)
 
 
-@eqx.filter_jit
 def reconstruction_error(
     fn: Fn,
     z0: Y,
@@ -463,8 +462,7 @@ def reconstruction_error(
     within its guard radius, and growing like `|1 − β|^(−steps)` times the state's
     rounding with [`revdeq.FloatState`][] (or times the difference, when `fn` does
     not reproduce itself). XLA compiles `fn` differently in different programs, so
-    measure it as the training step runs: batched alike. It is compiled
-    (`eqx.filter_jit`) whether or not it is called under `jax.jit`.
+    measure it as the training step runs: under `jax.jit`, batched alike.
 
     !!! Example
 

@@ -166,6 +166,7 @@ def compiler_sensitive_cells(key) -> dict[str, tuple[eqx.Module, tuple[int, ...]
     that XLA:CPU evaluates differently in the forward and backward passes
     (docs/concepts/precision.md, "What exactness assumes")."""
     k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+    k6 = jax.random.fold_in(key, 6)
     return {
         "conv-2-per-group": (revdeq.nn.ConvCell(8, 8, groups=4, key=k1), (8, 8, 8)),
         "conv-4-per-group": (revdeq.nn.ConvCell(16, 32, groups=4, key=k2), (16, 8, 8)),
@@ -179,4 +180,8 @@ def compiler_sensitive_cells(key) -> dict[str, tuple[eqx.Module, tuple[int, ...]
             (8, 16),
         ),
         "mlp": (revdeq.nn.MLPCell(dim=32, hidden=64, key=k5), (32,)),
+        "deq-transformer": (
+            revdeq.nn.DEQTransformerCell(dim=16, num_heads=2, mlp_ratio=2, key=k6),
+            (8, 16),
+        ),
     }

@@ -2,8 +2,8 @@
 # # 04 · Training a RevDEQ on Fashion-MNIST
 #
 # This notebook shows that a reversible DEQ trains like any other layer. It runs the
-# repository's experiment script `experiments/image_classification.py` (a small
-# convolutional stem, an equilibrium layer over a feature vector, a linear head) on a
+# repository's demo script `experiments/demo.py` (a small convolutional stem, an
+# equilibrium layer over a feature vector, a linear head) on a
 # small slice of Fashion-MNIST for two epochs, for two variants at an **equal budget of
 # forward evaluations**:
 #
@@ -26,7 +26,7 @@ from IPython.display import Image, Markdown, display
 experiments = pathlib.Path.cwd().parent / "experiments"
 sys.path.insert(0, str(experiments))
 import _common  # noqa: E402
-import image_classification  # noqa: E402
+import demo  # noqa: E402
 
 
 # %% [markdown]
@@ -40,12 +40,11 @@ out = pathlib.Path(tempfile.mkdtemp()) / "fashion"
 common = [
     "--epochs", "2", "--steps", "4", "--batch-size", "32",
     "--limit-train", "2048", "--limit-test", "1000",
-    "--channels", "8", "--width", "32", "--hidden", "64",
     "--out", str(out),
 ]  # fmt: skip
 results = {}
 for variant in ["revdeq", "deq"]:
-    results |= image_classification.main(["--model", variant, *common])
+    results |= demo.main(["--model", variant, *common])
 
 # %% [markdown]
 # ## Results

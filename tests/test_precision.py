@@ -104,7 +104,7 @@ def _steps_per_word(beta: float) -> int:
     # the next, and after three words.
     [
         (0.9, (0, 1)),
-        (0.9, (1, -2)),
+        (0.8, (1, -1)),
         (0.9, (1, 0)),
         (0.9, (1, 1)),
         (0.9, (3, 0)),

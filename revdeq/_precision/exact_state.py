@@ -66,7 +66,7 @@ class ExactState(AbstractPrecision):
     reverse step takes, of the values with those low bits, the one nearest to its
     own `q'`. The reversal is therefore bit for bit whenever the two evaluations of
     `f` at the same input give injections less than `2^(guard_bits − 1)` steps of
-    that grid apart (8 at the default 4 bits), a step being the larger of a quantum
+    that grid apart (128 at the default 8 bits), a step being the larger of a quantum
     and a unit in the last place of `β·f`, whatever the compiler does. Beyond that
     radius the rebuilt state drifts, and the certificate of
     [`revdeq.ReversibleAdjoint`][] reports it.
@@ -74,8 +74,9 @@ class ExactState(AbstractPrecision):
     The buffer packs the digits of consecutive steps into 32-bit words in mixed
     radix, with O(1) elementwise work per step and no gather or scatter: each step
     costs `log2(1/|c|) + guard_bits` bits per element, rounded up to whole words
-    (a word holds 6 steps at `β = 0.5`, 4 at 0.8 and 0.9). Completed words are kept
-    outside the loop's carry, so a batched loop does not copy them at every step.
+    (a word holds 3 steps at `β = 0.5`, 0.8 and 1.2, and 2 at 0.9). Completed words
+    are kept outside the loop's carry, so a batched loop does not copy them at every
+    step.
 
     With `rowwise=True` each row (each element of the leading axis that every leaf
     shares, e.g. the positions of a sequence) gets its own exponent from its own
@@ -133,7 +134,7 @@ class ExactState(AbstractPrecision):
 
     rowwise: bool = False
     headroom_bits: int = 6
-    guard_bits: int = 4
+    guard_bits: int = 8
 
     def __check_init__(self) -> None:
         if not 0 <= self.headroom_bits <= 16:

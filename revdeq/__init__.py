@@ -9,7 +9,10 @@ from ._adjoint.reversible import (
 )
 from ._adjoint.unrolled import UnrolledAdjoint as UnrolledAdjoint
 from ._cast import cast_exactly as cast_exactly
-from ._precision.base import AbstractPrecision as AbstractPrecision
+from ._precision.base import (
+    AbstractPrecision as AbstractPrecision,
+    AbstractSegmentedPrecision as AbstractSegmentedPrecision,
+)
 from ._precision.exact_state import ExactState as ExactState
 from ._precision.float_state import FloatState as FloatState
 from ._solution import RESULTS as RESULTS, Solution as Solution

@@ -34,18 +34,6 @@ class AbstractPrecision(eqx.Module):
         """
 
     @abc.abstractmethod
-    def segment_length(self, beta: float, max_steps: int) -> int:
-        """How many steps the driver runs between calls to `archive`."""
-
-    @abc.abstractmethod
-    def archive(self, state: PyTree) -> PyTree:
-        """What to set aside at the end of a segment; the driver stacks it."""
-
-    @abc.abstractmethod
-    def restore(self, state: PyTree, archived: PyTree) -> PyTree:
-        """The final state joined with its stacked archive, ready to reverse."""
-
-    @abc.abstractmethod
     def forward(
         self, state: PyTree, fval: Y, beta: float, step: Int[Array, ""] | int
     ) -> PyTree:
@@ -74,3 +62,23 @@ class AbstractPrecision(eqx.Module):
         in every step would cost a reduction per step, and the loop's result code,
         not an early stop, is what reports the failure.
         """
+
+
+class AbstractSegmentedPrecision(AbstractPrecision):
+    """A representation whose state grows with the steps taken, and which sets that
+    growth aside rather than carry it through the loop: [`revdeq.Reversible`][] then
+    runs its loop in segments (see [`revdeq.internal.AbstractSegmentedSolver`][]).
+    [`revdeq.ExactState`][] is one, for its information buffer.
+    """
+
+    @abc.abstractmethod
+    def segment_length(self, beta: float, max_steps: int) -> int:
+        """How many steps the driver runs between calls to `archive`."""
+
+    @abc.abstractmethod
+    def archive(self, state: PyTree) -> PyTree:
+        """What to set aside at the end of a segment; the driver stacks it."""
+
+    @abc.abstractmethod
+    def restore(self, state: PyTree, archived: PyTree) -> PyTree:
+        """The final state joined with its stacked archive, ready to reverse."""

@@ -11,7 +11,7 @@ from jaxtyping import Array, Float, Int, PyTree, UInt32
 from .._custom_types import Y
 from .._solution import RESULTS
 from .._tree import check_rows, tree_max_abs
-from .base import AbstractPrecision
+from .base import AbstractSegmentedPrecision
 from .buffer import InformationBuffer, Radices
 from .fixed_point import (
     fixed_point_format,
@@ -42,7 +42,7 @@ class _ExactLeaf(eqx.Module):
     value: Float[Array, "..."] | None = None
 
 
-class ExactState(AbstractPrecision):
+class ExactState(AbstractSegmentedPrecision):
     """Bit-exact reversal through a fixed-point state and an information buffer.
 
     Each leaf is stored as `Y · 2^(−e)` with `Y` an int32 (int64 for float64 states)

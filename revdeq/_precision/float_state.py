@@ -72,18 +72,6 @@ class FloatState(AbstractPrecision):
         )
         return _FloatCarrier(value, dtypes)
 
-    def segment_length(self, beta: float, max_steps: int) -> int:
-        del beta
-        return max_steps
-
-    def archive(self, state: _FloatCarrier) -> None:
-        del state
-        return None
-
-    def restore(self, state: _FloatCarrier, archived: None) -> _FloatCarrier:
-        del archived
-        return state
-
     def forward(
         self, state: _FloatCarrier, fval: Y, beta: float, step: Int[Array, ""] | int
     ) -> _FloatCarrier:

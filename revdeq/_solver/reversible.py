@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
 from .._custom_types import Args, SolverFn, Y
-from .._precision.base import AbstractPrecision
+from .._precision.base import AbstractPrecision, AbstractSegmentedPrecision
 from .._precision.exact_state import ExactState
 from .._solution import RESULTS
 from .._tree import tree_dtype, tree_max_abs, tree_rms, tree_sub
@@ -194,22 +194,28 @@ class Reversible(AbstractSegmentedSolver[_ReversibleState]):
         return self.precision.status((state.pair.y, state.pair.z))
 
     def segment_length(self, max_steps: int) -> int:
-        return self.precision.segment_length(self.relaxation, max_steps)
+        precision = self.precision
+        if isinstance(precision, AbstractSegmentedPrecision):
+            return precision.segment_length(self.relaxation, max_steps)
+        return max_steps
 
-    def archive(self, state: _ReversibleState) -> tuple[PyTree, PyTree]:
-        return self.precision.archive(state.pair.y), self.precision.archive(
-            state.pair.z
-        )
+    def archive(self, state: _ReversibleState) -> ReversiblePair | None:
+        precision = self.precision
+        if isinstance(precision, AbstractSegmentedPrecision):
+            pair = state.pair
+            return ReversiblePair(precision.archive(pair.y), precision.archive(pair.z))
+        return None
 
     def finish(
         self,
         state: _ReversibleState,
-        archived: tuple[PyTree, PyTree] | None,
+        archived: ReversiblePair | None,
         result: RESULTS,
     ) -> tuple[_ReversibleState, RESULTS]:
-        if archived is not None:
-            y = self.precision.restore(state.pair.y, archived[0])
-            z = self.precision.restore(state.pair.z, archived[1])
+        precision = self.precision
+        if isinstance(precision, AbstractSegmentedPrecision) and archived is not None:
+            y = precision.restore(state.pair.y, archived.y)
+            z = precision.restore(state.pair.z, archived.z)
             state = eqx.tree_at(lambda s: s.pair, state, ReversiblePair(y, z))
         # Checked once: a lost state stays lost until the loop ends. A loop that
         # stopped on a non-finite residual has already named the likelier cause.

@@ -16,8 +16,6 @@ distribution of k over all solves.
 
 import argparse
 import collections
-import pathlib
-import sys
 
 import equinox as eqx
 import jax
@@ -27,11 +25,7 @@ from _common import markdown_table
 
 import revdeq
 from revdeq.nn._models import residual_headroom_bits
-
-
-# The cells are the tests' (`tests/helpers.py`).
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from tests.helpers import compiler_sensitive_cells  # noqa: E402
+from revdeq.testing import compiler_sensitive_cells
 
 
 BATCH = 16

@@ -14,14 +14,9 @@ import pytest
 import revdeq
 from revdeq._precision.fixed_point import from_grid_index, grid_index, guard, snap
 from revdeq.nn._models import residual_headroom_bits
-from revdeq.testing import relative_error
+from revdeq.testing import compiler_sensitive_cells, relative_error
 
-from .helpers import (
-    compiler_sensitive_cells,
-    float64_loop_grad,
-    run_script,
-    solve_grad,
-)
+from .helpers import float64_loop_grad, run_script, solve_grad
 
 
 BATCH = 8

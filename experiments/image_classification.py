@@ -1,11 +1,11 @@
 r"""Image classification: the RevDEQ paper's implicit ResNet against DEQs and explicit
 ResNets.
 
-Run the comparison (estimated from timed training steps at about 40 minutes on 2
-idle CPU cores, 100 on 2 cores shared with other jobs; see `docs/experiments.md`):
+Run the comparison (results in the README; see `docs/experiments.md` for its time):
 
     python experiments/image_classification.py --model all --seeds 0 1 --steps 2 \
-        --limit-train 4096 --limit-test 1000 --out runs/image_comparison
+        --deq-evals 3 5 9 --limit-train 16384 --limit-test 2000 \
+        --out runs/image_comparison
 
 The model is the multiscale `revdeq.nn.ImplicitResNet` of McCallum, Arora & Foster
 (arXiv 2509.12917): a conv stem, then per stage an equilibrium solve of a `ConvCell`

@@ -193,6 +193,34 @@ def test_bit_for_bit_one_example_at_a_time(unroll):
     assert [float(drift(cell, x)) for x in xs] == [0.0] * len(xs)
 
 
+@pytest.mark.parametrize(
+    "steps, unroll",
+    [
+        (4, True),
+        pytest.param(6, True, marks=pytest.mark.slow),
+        pytest.param(6, False, marks=pytest.mark.slow),
+    ],
+)
+def test_bit_for_bit_with_weights_as_compile_time_constants(steps, unroll):
+    # Closed over by `jax.jit`, the cell's weights are constants of the program.
+    # Without the forward pass's barrier on them, this straight-line solve, two
+    # buffer words long, drifted by 1.3e-6 at any guard radius.
+    cell, shape = revdeq.testing.compiler_sensitive_cells(jax.random.key(0))[
+        "conv-2-per-group"
+    ]
+    x = jax.random.normal(jax.random.key(1), shape)
+    solver = revdeq.Reversible(beta=0.8, rtol=0, atol=0)
+
+    @jax.jit
+    def drift(x):
+        z0 = jnp.zeros_like(x)
+        return revdeq.reconstruction_error(
+            cell, z0, x, solver=solver, max_steps=steps, unroll=unroll
+        )
+
+    assert float(drift(x)) == 0.0
+
+
 @pytest.mark.slow
 def test_bit_for_bit_with_x64_on():
     # x64 is off in the tests above. A float64 cell and state get an int64 format,

@@ -40,9 +40,11 @@ class ReversibleAdjoint(AbstractAdjoint):
 
     **Arguments:**
 
-    - `drift_tolerance`: the largest tolerated relative drift; `None` means the
-        square root of the machine epsilon of `z0`'s dtype, and `float("inf")`
-        turns the check off (a NaN drift fails any finite tolerance).
+    - `drift_tolerance`: the largest tolerated relative drift; `None` means 0 for
+        a bit-exact precision such as `ExactState` (any drift means the exactness
+        it promises failed) and the square root of the machine epsilon of `z0`'s
+        dtype otherwise, and `float("inf")` turns the check off (a NaN drift fails
+        any finite tolerance).
 
     !!! Example
 
@@ -87,7 +89,9 @@ class ReversibleAdjoint(AbstractAdjoint):
                 "`PhantomAdjoint` or `UnrolledAdjoint`."
             )
         tolerance = self.drift_tolerance
-        if tolerance is None:
+        if tolerance is None and solver.precision.bit_exact:
+            tolerance = 0.0
+        elif tolerance is None:
             dtype = jnp.result_type(*jtu.tree_leaves(z0))
             tolerance = math.sqrt(float(jnp.finfo(dtype).eps))
         steps = (max_steps, unroll)
@@ -377,6 +381,23 @@ _LOST = (
 )
 
 
+def _forward_pass(
+    fn: Fn, solver: Reversible, z0: Y, args: Args, *, max_steps: int, unroll: bool
+) -> Iteration:
+    """The forward pass of a reversible solve, with the arrays of `fn` and `args`
+    hidden from the compiler behind an optimisation barrier.
+
+    Closed over by `jax.jit`, a cell's weights are constants of the compiled
+    program, and XLA:CPU then compiles a convolutional cell's forward pass so that
+    the backward pass cannot rebuild its states bit for bit, at any guard radius
+    (see "What exactness assumes" in the precision guide). Seen as values, as a
+    training step passes them, the weights compile into a forward pass that
+    reverses exactly."""
+    dynamic, static = eqx.partition((fn, args), eqx.is_array)
+    fn, args = eqx.combine(jax.lax.optimization_barrier(dynamic), static)
+    return iterate(fn, solver, z0, args, max_steps=max_steps, unroll=unroll)
+
+
 @eqx.filter_custom_vjp
 def _reversible_solve(
     fn_z0_args: tuple[Fn, Y, Args],
@@ -387,7 +408,7 @@ def _reversible_solve(
 ) -> Iteration:
     fn, z0, args = fn_z0_args
     max_steps, unroll = steps
-    return iterate(fn, solver, z0, args, max_steps=max_steps, unroll=unroll)
+    return _forward_pass(fn, solver, z0, args, max_steps=max_steps, unroll=unroll)
 
 
 @_reversible_solve.def_fwd
@@ -481,7 +502,7 @@ def reconstruction_error(
     """
     unrolled = resolve_unroll(unroll, solver, max_steps)
     fn = eqx.filter_closure_convert(fn, z0, args)
-    out = iterate(fn, solver, z0, args, max_steps=max_steps, unroll=unrolled)
+    out = _forward_pass(fn, solver, z0, args, max_steps=max_steps, unroll=unrolled)
     final_pair = solver.final_pair(out.state)
     zero = jtu.tree_map(jnp.zeros_like, out.value)
     rebuilt, _, _ = reverse_pass(

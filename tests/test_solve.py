@@ -379,7 +379,7 @@ def test_tolerances_stop_where_optimistix_stops(norm):
     def rms(tree):
         return jnp.sqrt(jnp.mean(jax.flatten_util.ravel_pytree(tree)[0] ** 2))
 
-    def whole_state_steps():  # the rule revdeq had before: rms over the state
+    def whole_state_steps():  # the other rule: one rms over the whole state
         z = z0
         for step in range(1, 101):
             fz = cell(z, x)

@@ -31,7 +31,7 @@ def _pytree_problem(key):
 FIXED = dict(rtol=0, atol=0)
 SOLVERS = {
     "exact-0.5": revdeq.Reversible(beta=0.5, **FIXED),
-    "exact-0.9": revdeq.Reversible(beta=0.9, **FIXED),  # 9 steps to a buffer word
+    "exact-0.9": revdeq.Reversible(beta=0.9, **FIXED),  # 2 steps to a buffer word
     "exact-1.2": revdeq.Reversible(beta=1.2, **FIXED),
     "float-0.5": revdeq.Reversible(beta=0.5, precision=revdeq.FloatState(), **FIXED),
     "fixed-point": revdeq.FixedPointIteration(damping=0.7, **FIXED),

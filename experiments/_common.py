@@ -15,7 +15,7 @@ import json
 import pathlib
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -331,59 +331,38 @@ def train(
         warmup_steps=min(total_steps // 10, 500),
         weight_decay=args.weight_decay,
     )
-    opt_state = revdeq.train.init_optimiser(optimiser, model)
     step_fn = revdeq.train.make_step(loss_fn, optimiser)
-    checkpoints = out / "checkpoints"
+    opt_state = revdeq.train.init_optimiser(optimiser, model)
+    state = _resume(model, opt_state, out, args.resume)
     logger = revdeq.train.MetricsLogger(out / "metrics.jsonl")
-    first_epoch, elapsed, train_time = 0, 0.0, 0.0
-    if args.resume and revdeq.train.latest_checkpoint(checkpoints) is not None:
-        _, model, opt_state, extra = revdeq.train.restore_checkpoint(
-            checkpoints, model, opt_state
-        )
-        first_epoch, elapsed = extra["epoch"], extra["wall_time_s"]
-        train_time = extra["train_time_s"]
-    elif (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
-
     parallel = revdeq.train.DataParallel(jax.local_devices())
-    model, opt_state = parallel.replicate((model, opt_state))
+    model, opt_state = parallel.replicate((state.model, state.opt_state))
     data_key, step_key = jax.random.split(jax.random.key(args.seed))
+    elapsed, train_time = state.wall_time_s, state.train_time_s
     metrics: dict[str, float] = {}
     root = pathlib.Path(args.out)
     label = str(out.relative_to(root)) if out.is_relative_to(root) else out.name
-    for epoch in range(first_epoch, args.epochs):
+    for epoch in range(state.first_epoch, args.epochs):
         start = time.perf_counter()
-        epoch_batches = batches(jax.random.fold_in(data_key, epoch))
-        progress = tqdm(
-            epoch_batches,
-            total=num_batches,
+        model, opt_state = _run_epoch(
+            step_fn,
+            parallel,
+            (model, opt_state),
+            batches(jax.random.fold_in(data_key, epoch)),
+            num_batches=num_batches,
+            first_step=epoch * num_batches,
+            step_key=step_key,
+            logger=logger,
             desc=f"{label} epoch {epoch + 1}/{args.epochs}",
-            leave=False,
         )
-        for i, batch in enumerate(progress):
-            step = epoch * num_batches + i
-            batch = parallel.shard_batch(batch)
-            model, opt_state, train_metrics = step_fn(
-                model, opt_state, batch, jax.random.fold_in(step_key, step)
-            )
-            if step % _LOG_EVERY == 0 or i == num_batches - 1:
-                record = logger.log(step=step, split="train", **train_metrics)
-                progress.set_postfix(loss=f"{record['loss']:.3f}")
-        jax.block_until_ready(model)
         train_time += time.perf_counter() - start
         metrics = evaluate(model)
         elapsed += time.perf_counter() - start
-        logger.log(
-            step=(epoch + 1) * num_batches, split="eval", epoch=epoch + 1, **metrics
-        )
-        tqdm.write(
-            f"{label} epoch {epoch + 1}: "
-            + ", ".join(f"{name} {value:.4g}" for name, value in metrics.items())
-        )
+        _end_epoch(logger, metrics, label, epoch + 1, num_batches)
         extra = {"epoch": epoch + 1, "wall_time_s": elapsed, "train_time_s": train_time}
-        revdeq.train.save_checkpoint(
-            checkpoints, (epoch + 1) * num_batches, model, opt_state, extra, keep=1
-        )
+        step = (epoch + 1) * num_batches
+        checkpoints = out / "checkpoints"
+        revdeq.train.save_checkpoint(checkpoints, step, model, opt_state, extra, keep=1)
     if not metrics:  # Resumed after the last epoch.
         metrics = evaluate(model)
     sample = parallel.shard_batch(next(iter(batches(data_key))))
@@ -399,6 +378,77 @@ def train(
         "peak_memory_bytes": memory,
     }
     return model, summary
+
+
+def _run_epoch(
+    step_fn: Callable,
+    parallel: revdeq.train.DataParallel,
+    model_and_opt_state: tuple[eqx.Module, Any],
+    batches: Iterable[Any],
+    *,
+    num_batches: int,
+    first_step: int,
+    step_key: jax.Array,
+    logger: revdeq.train.MetricsLogger,
+    desc: str,
+) -> tuple[eqx.Module, Any]:
+    """One epoch of training steps under a progress bar, logging the training
+    metrics every `_LOG_EVERY` steps and at the end."""
+    model, opt_state = model_and_opt_state
+    progress = tqdm(batches, total=num_batches, desc=desc, leave=False)
+    metrics, step = None, first_step
+    for step, batch in enumerate(progress, start=first_step):
+        key = jax.random.fold_in(step_key, step)
+        batch = parallel.shard_batch(batch)
+        model, opt_state, metrics = step_fn(model, opt_state, batch, key)
+        if step % _LOG_EVERY == 0:
+            record = logger.log(step=step, split="train", **metrics)
+            progress.set_postfix(loss=f"{record['loss']:.3f}")
+    if metrics is not None and step % _LOG_EVERY != 0:
+        logger.log(step=step, split="train", **metrics)
+    return jax.block_until_ready((model, opt_state))
+
+
+class _Resumed(NamedTuple):
+    """Where training starts: the model and optimiser state, the first epoch still
+    to run, and the times already spent."""
+
+    model: eqx.Module
+    opt_state: Any
+    first_epoch: int
+    wall_time_s: float
+    train_time_s: float
+
+
+def _resume(
+    model: eqx.Module, opt_state: Any, out: pathlib.Path, resume: bool
+) -> _Resumed:
+    """The latest checkpoint under `out` with `resume`, else a fresh start with a
+    fresh `metrics.jsonl`."""
+    checkpoints = out / "checkpoints"
+    if resume and revdeq.train.latest_checkpoint(checkpoints) is not None:
+        _, model, opt_state, extra = revdeq.train.restore_checkpoint(
+            checkpoints, model, opt_state
+        )
+        epoch, wall, train = extra["epoch"], extra["wall_time_s"], extra["train_time_s"]
+        return _Resumed(model, opt_state, epoch, wall, train)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    return _Resumed(model, opt_state, 0, 0.0, 0.0)
+
+
+def _end_epoch(
+    logger: revdeq.train.MetricsLogger,
+    metrics: dict[str, float],
+    label: str,
+    epoch: int,
+    num_batches: int,
+) -> None:
+    """Log an epoch's held-out metrics, and print them above the progress bars."""
+    logger.log(step=epoch * num_batches, split="eval", epoch=epoch, **metrics)
+    tqdm.write(
+        f"{label} epoch {epoch}: "
+        + ", ".join(f"{name} {value:.4g}" for name, value in metrics.items())
+    )
 
 
 def write_reports(

@@ -1,11 +1,11 @@
 r"""Causal language modelling: a Reversible DEQ Transformer against DEQs and explicit
 Transformers.
 
-Run the comparison of the README (20 minutes on 2 CPU cores):
+Run the comparison of the README (76 minutes on 2 CPU cores):
 
     python experiments/language_model.py --model all --seeds 0 1 --steps 2 \
         --dim 64 --num-heads 4 --seq-len 64 --limit-train 8000 --limit-test 400 \
-        --lr 3e-3 --out runs/language_comparison
+        --lr 3e-3 --epochs 3 --out runs/language_comparison
 
 By default the corpus is byte-level text of the Python standard library's sources
 (offline); `--text-files` uses your own files, `--dataset wikitext103` loads

@@ -31,7 +31,7 @@ def _pytree_problem(key):
 FIXED = dict(rtol=0, atol=0)
 SOLVERS = {
     "exact-0.5": revdeq.Reversible(beta=0.5, **FIXED),
-    "exact-0.9": revdeq.Reversible(beta=0.9, **FIXED),  # 2 steps to a buffer word
+    "exact-0.9": revdeq.Reversible(beta=0.9, **FIXED),
     "exact-1.2": revdeq.Reversible(beta=1.2, **FIXED),
     "float-0.5": revdeq.Reversible(beta=0.5, precision=revdeq.FloatState(), **FIXED),
     "fixed-point": revdeq.FixedPointIteration(damping=0.7, **FIXED),
@@ -76,7 +76,7 @@ def _batch(tree, scales):
     + [("float-0.5", 1, _pytree_problem)]
     + [
         pytest.param("exact-0.5", 3, _array_problem, marks=pytest.mark.slow),
-        # Across a word of the exact state's buffer (9 steps at β = 0.9).
+        # Across words of the exact state's buffer (2 steps each at β = 0.9).
         pytest.param("exact-0.9", 10, _array_problem, marks=pytest.mark.slow),
         pytest.param("exact-0.9", 10, _pytree_problem, marks=pytest.mark.slow),
         pytest.param("anderson", 10, _pytree_problem, marks=pytest.mark.slow),
@@ -143,7 +143,6 @@ def test_unrolled_batched_samples_stopping_at_different_steps(getkey):
     cell = TanhCell(8, key=getkey(), dtype=jnp.float32)
     xs = jax.random.normal(getkey(), (5, 8)) * jnp.array([0.1, 0.5, 1, 2, 4])[:, None]
     z0s = jnp.zeros((5, 8))
-    # β = 0.9 puts 9 steps in a word of the exact state's buffer.
     solver = revdeq.Reversible(beta=0.9, rtol=1e-2, atol=0)
     loop, loop_grads = _solve_and_grad(solver, False, cell, z0s, xs, 12)
     line, line_grads = _solve_and_grad(solver, True, cell, z0s, xs, 12)

@@ -370,7 +370,10 @@ _DRIFTED_EXACT = _DRIFTED + (
     "than `ExactState`'s guard radius (XLA may compile it differently in the two; "
     "see 'What exactness assumes' in the precision guide), and each reversed step "
     "amplifies the difference: raise `ExactState(guard_bits=...)`, or use fewer "
-    "steps or a `beta` further from 1 (or raise `drift_tolerance` knowingly)."
+    "steps or a `beta` further from 1 (or raise `drift_tolerance` knowingly). On "
+    "XLA:CPU, conv training steps of 3 or more straight-line steps drift at any guard "
+    "radius; `XLA_FLAGS=--xla_disable_hlo_passes=cse` avoids it (see 'Not yet fixed' "
+    "in the precision guide)."
 )
 
 

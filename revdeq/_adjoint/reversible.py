@@ -40,11 +40,10 @@ class ReversibleAdjoint(AbstractAdjoint):
 
     **Arguments:**
 
-    - `drift_tolerance`: the largest tolerated relative drift; `None` means 0 for
-        a bit-exact precision such as `ExactState` (any drift means the exactness
-        it promises failed) and the square root of the machine epsilon of `z0`'s
-        dtype otherwise, and `float("inf")` turns the check off (a NaN drift fails
-        any finite tolerance).
+    - `drift_tolerance`: the largest tolerated relative drift; `None` means the
+        square root of the machine epsilon of `z0`'s dtype, `0.0` reports any
+        drift at all, and `float("inf")` turns the check off (a NaN drift fails any
+        finite tolerance).
 
     !!! Example
 
@@ -89,9 +88,7 @@ class ReversibleAdjoint(AbstractAdjoint):
                 "`PhantomAdjoint` or `UnrolledAdjoint`."
             )
         tolerance = self.drift_tolerance
-        if tolerance is None and solver.precision.bit_exact:
-            tolerance = 0.0
-        elif tolerance is None:
+        if tolerance is None:
             dtype = jnp.result_type(*jtu.tree_leaves(z0))
             tolerance = math.sqrt(float(jnp.finfo(dtype).eps))
         steps = (max_steps, unroll)
@@ -371,9 +368,9 @@ _DRIFTED_EXACT = _DRIFTED + (
     "see 'What exactness assumes' in the precision guide), and each reversed step "
     "amplifies the difference: raise `ExactState(guard_bits=...)`, or use fewer "
     "steps or a `beta` further from 1 (or raise `drift_tolerance` knowingly). On "
-    "XLA:CPU, conv training steps of 3 or more straight-line steps drift at any guard "
-    "radius; `XLA_FLAGS=--xla_disable_hlo_passes=cse` avoids it (see 'Not yet fixed' "
-    "in the precision guide)."
+    "XLA:CPU, conv training steps on straight-line code can drift at any guard "
+    "radius; `XLA_FLAGS=--xla_disable_hlo_passes=cse` avoided it where measured (see "
+    "'Not yet fixed' in the precision guide)."
 )
 
 

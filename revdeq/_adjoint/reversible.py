@@ -389,10 +389,10 @@ def _forward_pass(
 
     Closed over by `jax.jit`, a cell's weights are constants of the compiled
     program, and XLA:CPU then compiles a convolutional cell's forward pass so that
-    the backward pass cannot rebuild its states bit for bit, at any guard radius
-    (see "What exactness assumes" in the precision guide). Seen as values, as a
-    training step passes them, the weights compile into a forward pass that
-    reverses exactly."""
+    the backward pass cannot rebuild its states bit for bit, at any guard radius.
+    Seen as values, as when the cell is an argument of the jitted function, they
+    compile as they do there (see "Weights as compile-time constants" in the
+    precision guide)."""
     dynamic, static = eqx.partition((fn, args), eqx.is_array)
     fn, args = eqx.combine(jax.lax.optimization_barrier(dynamic), static)
     return iterate(fn, solver, z0, args, max_steps=max_steps, unroll=unroll)

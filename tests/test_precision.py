@@ -214,16 +214,33 @@ def test_reversal_is_exact_within_the_guard_radius(
         assert relative_error(got.inner, truth) <= 1e-5
 
 
-def test_a_disagreement_beyond_the_radius_is_caught(getkey):
-    # Far beyond the radius the rebuilt states drift past the certificate's
-    # tolerance (sqrt(eps) ≈ 3e-4), and the gradient raises rather than being wrong.
+@pytest.mark.parametrize(
+    ("guard_bits", "quanta", "steps", "above_sqrt_eps"),
+    # Far beyond the radius, and just beyond it over two steps, where the drift
+    # stays below sqrt(eps) ≈ 3e-4 but the gradient is still not the exact one.
+    [(8, None, 8, True), (4, 12, 2, False)],
+)
+def test_a_disagreement_beyond_the_radius_is_caught(
+    getkey, guard_bits, quanta, steps, above_sqrt_eps
+):
+    # Any drift of an ExactState reversal raises at the default tolerance rather
+    # than return a gradient that is not exact.
     inner, z0s, xs = float32_problem(getkey())
-    cell = _IrreproducibleCell(inner, 1e-3)
-    solver = revdeq.Reversible(beta=0.5, rtol=0, atol=0)
-    drift = revdeq.reconstruction_error(cell, z0s[0], xs[0], solver=solver, max_steps=8)
-    assert drift > np.sqrt(np.finfo(np.float32).eps)
+    beta = 0.5
+    offset = 1e-3
+    if quanta is not None:
+        offset = float(quanta * _quantum(inner, z0s[0], xs[0], beta) / beta)
+    cell = _IrreproducibleCell(inner, offset)
+    precision = revdeq.ExactState(guard_bits=guard_bits)
+    solver = revdeq.Reversible(beta=beta, rtol=0, atol=0, precision=precision)
+    drift = revdeq.reconstruction_error(
+        cell, z0s[0], xs[0], solver=solver, max_steps=steps
+    )
+    assert drift > 0
+    assert (drift > np.sqrt(np.finfo(np.float32).eps)) == above_sqrt_eps
     with pytest.raises(Exception, match="drifted.*other bits in the backward"):
-        jax.block_until_ready(solve_grad(cell, z0s, xs, solver=solver, max_steps=8))
+        grads = solve_grad(cell, z0s, xs, solver=solver, max_steps=steps)
+        jax.block_until_ready(grads)
 
 
 def test_float32_state_drifts_where_exact_state_does_not(getkey):

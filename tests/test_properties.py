@@ -187,7 +187,6 @@ def test_exact_or_reported(case):
         event("non-finite only at the output")
     else:
         assert result == revdeq.RESULTS.successful, revdeq.RESULTS[result]
-    assert not warned, [str(w.message) for w in warned]
 
     # Compiled as a training step is (and in a few seconds rather than 20 eagerly).
     drift = eqx.filter_jit(revdeq.reconstruction_error)(
@@ -196,12 +195,15 @@ def test_exact_or_reported(case):
     if case["start"] == "denormal":
         # XLA:CPU flushes a denormal input to zero in some fusions and not in
         # others, so `f(z0)` is not reproducible bit for bit: within one rounding,
-        # which undoing the first step amplifies by `β / |1 − β|`.
+        # which undoing the first step amplifies by `β / |1 − β|`. The certificate,
+        # whose default tolerance is 0, reports it.
         beta = solver.relaxation
         amplification = max(1.0, beta / abs(1 - beta))
         assert float(drift) <= amplification * float(jnp.finfo(case["dtype"]).eps)
+        warned = [w for w in warned if "drifted" not in str(w.message)]
     else:
         assert drift == 0
+    assert not warned, [str(w.message) for w in warned]
 
     # The truth: autodiff of the same iteration as a plain loop, in float64. Near
     # |1 − β| = 1 the iteration is ill-conditioned, and no computation in the cell's

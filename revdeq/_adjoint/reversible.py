@@ -40,10 +40,11 @@ class ReversibleAdjoint(AbstractAdjoint):
 
     **Arguments:**
 
-    - `drift_tolerance`: the largest tolerated relative drift; `None` means the
-        square root of the machine epsilon of `z0`'s dtype, `0.0` reports any
-        drift at all, and `float("inf")` turns the check off (a NaN drift fails any
-        finite tolerance).
+    - `drift_tolerance`: the largest tolerated relative drift; `None` means 0 for
+        a bit-exact precision such as `ExactState` (any drift means the exactness
+        it promises failed) and the square root of the machine epsilon of `z0`'s
+        dtype otherwise, and `float("inf")` turns the check off (a NaN drift fails
+        any finite tolerance).
 
     !!! Example
 
@@ -88,7 +89,9 @@ class ReversibleAdjoint(AbstractAdjoint):
                 "`PhantomAdjoint` or `UnrolledAdjoint`."
             )
         tolerance = self.drift_tolerance
-        if tolerance is None:
+        if tolerance is None and solver.precision.bit_exact:
+            tolerance = 0.0
+        elif tolerance is None:
             dtype = jnp.result_type(*jtu.tree_leaves(z0))
             tolerance = math.sqrt(float(jnp.finfo(dtype).eps))
         steps = (max_steps, unroll)
@@ -367,10 +370,7 @@ _DRIFTED_EXACT = _DRIFTED + (
     "than `ExactState`'s guard radius (XLA may compile it differently in the two; "
     "see 'What exactness assumes' in the precision guide), and each reversed step "
     "amplifies the difference: raise `ExactState(guard_bits=...)`, or use fewer "
-    "steps or a `beta` further from 1 (or raise `drift_tolerance` knowingly). On "
-    "XLA:CPU, conv training steps on straight-line code can drift at any guard "
-    "radius; `XLA_FLAGS=--xla_disable_hlo_passes=cse` avoided it where measured (see "
-    "'Not yet fixed' in the precision guide)."
+    "steps or a `beta` further from 1 (or raise `drift_tolerance` knowingly)."
 )
 
 
@@ -379,23 +379,6 @@ _LOST = (
     "in a non-finite value (see the solve's result code), so this gradient is "
     "meaningless. Start from a smaller `z0`, or fix the cell's non-finite output."
 )
-
-
-def _forward_pass(
-    fn: Fn, solver: Reversible, z0: Y, args: Args, *, max_steps: int, unroll: bool
-) -> Iteration:
-    """The forward pass of a reversible solve, with the arrays of `fn` and `args`
-    hidden from the compiler behind an optimisation barrier.
-
-    Closed over by `jax.jit`, a cell's weights are constants of the compiled
-    program, and XLA:CPU then compiles a convolutional cell's forward pass so that
-    the backward pass cannot rebuild its states bit for bit, at any guard radius.
-    Seen as values, as when the cell is an argument of the jitted function, they
-    compile as they do there (see "Weights as compile-time constants" in the
-    precision guide)."""
-    dynamic, static = eqx.partition((fn, args), eqx.is_array)
-    fn, args = eqx.combine(jax.lax.optimization_barrier(dynamic), static)
-    return iterate(fn, solver, z0, args, max_steps=max_steps, unroll=unroll)
 
 
 @eqx.filter_custom_vjp
@@ -408,7 +391,7 @@ def _reversible_solve(
 ) -> Iteration:
     fn, z0, args = fn_z0_args
     max_steps, unroll = steps
-    return _forward_pass(fn, solver, z0, args, max_steps=max_steps, unroll=unroll)
+    return iterate(fn, solver, z0, args, max_steps=max_steps, unroll=unroll)
 
 
 @_reversible_solve.def_fwd
@@ -502,7 +485,7 @@ def reconstruction_error(
     """
     unrolled = resolve_unroll(unroll, solver, max_steps)
     fn = eqx.filter_closure_convert(fn, z0, args)
-    out = _forward_pass(fn, solver, z0, args, max_steps=max_steps, unroll=unrolled)
+    out = iterate(fn, solver, z0, args, max_steps=max_steps, unroll=unrolled)
     final_pair = solver.final_pair(out.state)
     zero = jtu.tree_map(jnp.zeros_like, out.value)
     rebuilt, _, _ = reverse_pass(

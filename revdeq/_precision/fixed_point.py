@@ -100,10 +100,29 @@ def times_pow2(x: Array, exponent: Int[Array, "..."]) -> Array:
     return x
 
 
+def computed_once(x: Array) -> Array:
+    """`x`, computed once however many consumers read it: what becomes an integer
+    of the state goes through here.
+
+    XLA:CPU drops optimisation barriers before it fuses, and then copies cheap
+    elementwise producers (a cell's last layers, the scaling of its output) into
+    every consumer's fusion. The copies can round differently: one contracts a
+    multiply-add into an FMA and another does not. An injection computed twice
+    could so give the state one value and its guard digit in the buffer another, a
+    disagreement within the forward pass that no guard radius absorbs (measured on
+    conv training steps). XLA never copies a division of floats, so this divides by
+    one, as an array XLA cannot prove to be one (`1 + 0·isnan(x)`) and not a
+    broadcast, which it would turn into a multiplication by the reciprocal. Exact
+    for every `x`, infinities, NaNs and `−0` included.
+    """
+    return x / (1 + 0 * jnp.isnan(x).astype(x.dtype))
+
+
 def scale(x: Array, exponent: Int[Array, "..."]) -> Array:
-    """`x · 2^exponent` in the float dtype of `x`'s fixed-point format."""
+    """`x · 2^exponent` in the float dtype of `x`'s fixed-point format, computed once
+    (see `computed_once`)."""
     _, float_dtype, _ = fixed_point_format(x.dtype)
-    return times_pow2(x.astype(float_dtype), exponent)
+    return computed_once(times_pow2(x.astype(float_dtype), exponent))
 
 
 def unscale(ints: Array, exponent: Int[Array, "..."], dtype: jnp.dtype) -> Array:
@@ -127,7 +146,7 @@ def injection(
     # (see `cast_exactly`).
     wide = cast_exactly(jax.lax.stop_gradient(f), float_dtype)
     beta_f = round_to(beta * wide, f.dtype)
-    scaled = times_pow2(beta_f, exponent)
+    scaled = computed_once(times_pow2(beta_f, exponent))
     fits = jnp.abs(scaled) < (1 - abs(1 - beta)) * 2.0 ** (bits - 1)
     return scaled.astype(int_dtype), fits
 

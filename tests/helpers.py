@@ -84,6 +84,27 @@ class PytreeCell(eqx.Module):
         }
 
 
+def array_problem(key, dtype=jnp.float64, *, dim=6, scale=0.9, start=0.3):
+    """A `TanhCell` (weights of `scale`), a random `z0` of scale `start` (zeros at
+    0) and an input, of `dim` elements in `dtype`."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    cell = TanhCell(dim, key=k1, scale=scale, dtype=dtype)
+    z0 = start * jax.random.normal(k2, (dim,), dtype)
+    return cell, z0, jax.random.normal(k3, (dim,), dtype)
+
+
+def pytree_problem(key, dtype=jnp.float64):
+    """A `PytreeCell` with a random `z0` and an input, in `dtype`."""
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    cell = PytreeCell(3, 2, key=k1, dtype=dtype)
+    z0 = {
+        "a": 0.2 * jax.random.normal(k2, (3,), dtype),
+        "b": 0.2 * jax.random.normal(k3, (2, 2), dtype),
+    }
+    x = {"a": jax.random.normal(k4, (3,), dtype), "b": jnp.full((2, 2), 0.1, dtype)}
+    return cell, z0, x
+
+
 def plain_damped_loop(cell, z0, x, damping, steps):
     z = z0
     for _ in range(steps):

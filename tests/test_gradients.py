@@ -10,13 +10,14 @@ import optimistix as optx
 import pytest
 
 import revdeq
-from revdeq.testing import TanhCell, plain_reversible_loop, relative_error
+from revdeq.testing import plain_reversible_loop, relative_error
 
 from .helpers import (
-    PytreeCell,
+    array_problem,
     dense_implicit_gradient,
     finite_difference_jvp,
     plain_damped_loop,
+    pytree_problem,
 )
 
 
@@ -42,27 +43,8 @@ def _truth_grads(loop, cell, z0, x):
     )
 
 
-def _array_problem(key, dtype=jnp.float64):
-    k1, k2, k3 = jax.random.split(key, 3)
-    cell = TanhCell(6, key=k1, dtype=dtype)
-    z0 = 0.3 * jax.random.normal(k2, (6,), dtype)
-    x = jax.random.normal(k3, (6,), dtype)
-    return cell, z0, x
-
-
-def _pytree_problem(key, dtype=jnp.float64):
-    k1, k2, k3, k4 = jax.random.split(key, 4)
-    cell = PytreeCell(3, 2, key=k1, dtype=dtype)
-    z0 = {
-        "a": 0.2 * jax.random.normal(k2, (3,), dtype),
-        "b": 0.2 * jax.random.normal(k3, (2, 2), dtype),
-    }
-    x = {"a": jax.random.normal(k4, (3,), dtype), "b": jnp.full((2, 2), 0.1, dtype)}
-    return cell, z0, x
-
-
 @pytest.mark.parametrize(
-    "problem", [_array_problem, pytest.param(_pytree_problem, marks=pytest.mark.slow)]
+    "problem", [array_problem, pytest.param(pytree_problem, marks=pytest.mark.slow)]
 )
 @pytest.mark.parametrize(
     "solver, loop",
@@ -94,7 +76,7 @@ def test_unrolled_matches_plain_loop(x64, getkey, problem, solver, loop):
         pytest.param(8, marks=pytest.mark.slow),
     ],
 )
-@pytest.mark.parametrize("problem", [_array_problem, _pytree_problem])
+@pytest.mark.parametrize("problem", [array_problem, pytree_problem])
 def test_reversible_matches_plain_loop(x64, getkey, beta, steps, problem):
     cell, z0, x = problem(getkey())
     solver = revdeq.Reversible(beta=beta, rtol=0, atol=0)
@@ -111,7 +93,7 @@ def test_reversible_matches_plain_loop(x64, getkey, beta, steps, problem):
 
 @pytest.mark.parametrize("beta", [0.5, 1.2])
 def test_reversible_under_vmap(x64, getkey, beta):
-    cell, _, _ = _array_problem(getkey())
+    cell, _, _ = array_problem(getkey())
     z0s = 0.3 * jax.random.normal(getkey(), (4, 6))
     xs = jax.random.normal(getkey(), (4, 6))
     solver = revdeq.Reversible(beta=beta, rtol=0, atol=0)
@@ -136,7 +118,7 @@ def test_reversible_under_vmap(x64, getkey, beta):
 
 
 def test_reversible_against_finite_differences(x64, getkey):
-    cell, z0, x = _array_problem(getkey())
+    cell, z0, x = array_problem(getkey())
     solver = revdeq.Reversible(beta=0.8, rtol=0, atol=0)
     direction = jax.random.normal(getkey(), x.shape)
 
@@ -161,7 +143,7 @@ def test_reversible_against_finite_differences(x64, getkey):
     ],
 )
 def test_implicit_matches_dense_ift(x64, getkey, solver):
-    cell, z0, x = _array_problem(getkey())
+    cell, z0, x = array_problem(getkey())
     cot = jax.random.normal(getkey(), z0.shape)
     adjoint = revdeq.ImplicitAdjoint(linear_solver=revdeq_gmres_tight())
 
@@ -182,7 +164,7 @@ def revdeq_gmres_tight():
 
 
 def test_implicit_gradient_wrt_z0_is_zero(getkey):
-    cell, z0, x = _array_problem(getkey(), jnp.float32)
+    cell, z0, x = array_problem(getkey(), jnp.float32)
     grad = jax.grad(
         lambda z0: jnp.sum(
             revdeq.solve(cell, z0, x, solver=revdeq.Anderson(), max_steps=50).value
@@ -193,7 +175,7 @@ def test_implicit_gradient_wrt_z0_is_zero(getkey):
 
 @pytest.mark.slow
 def test_phantom_tends_to_implicit(x64, getkey):
-    cell, z0, x = _array_problem(getkey())
+    cell, z0, x = array_problem(getkey())
     cot = jax.random.normal(getkey(), z0.shape)
     solver = revdeq.FixedPointIteration(rtol=1e-13, atol=1e-13)
 
@@ -217,7 +199,7 @@ def test_phantom_tends_to_implicit(x64, getkey):
 
 
 def test_reversible_backward_evaluates_f_twice_per_step(getkey):
-    cell, z0, x = _array_problem(getkey(), jnp.float32)
+    cell, z0, x = array_problem(getkey(), jnp.float32)
     count = []
 
     def counted(z, x):
@@ -261,7 +243,7 @@ def test_reversible_backward_evaluates_f_twice_per_step(getkey):
 def test_no_nan_is_created_and_masked(x64, getkey, solver, adjoint, unroll):
     # Under `jax_debug_nans` any NaN raises where it is made, even if a `where` or a
     # frozen step would discard it later. The batch stops at different steps.
-    cell, z0, _ = _array_problem(getkey())
+    cell, z0, _ = array_problem(getkey())
     xs = jax.random.normal(getkey(), (3, 6)) * jnp.array([[0.1], [1.0], [4.0]])
 
     def loss(cell):
@@ -284,7 +266,7 @@ def test_bounded_implicit_solve_reports_its_residual(x64, getkey):
     (and matching a larger gradient error) when it cannot."""
     import lineax as lx
 
-    cell, z0, x = _array_problem(getkey())
+    cell, z0, x = array_problem(getkey())
     cot = jax.random.normal(getkey(), z0.shape)
     solver = revdeq.Anderson(rtol=1e-13, atol=1e-13)
     truth, errors, residuals = None, [], []

@@ -12,7 +12,7 @@ import pytest
 import revdeq
 from revdeq.testing import TanhCell, plain_reversible_loop, relative_error
 
-from .helpers import PytreeCell, default_float, run_script
+from .helpers import PytreeCell, array_problem, default_float, run_script
 
 
 pytestmark = pytest.mark.usefixtures("x64_on_and_off")
@@ -27,10 +27,7 @@ SOLVERS = [
 
 
 def _problem(key, dim=5):
-    k1, k2 = jax.random.split(key)
-    dtype = default_float()
-    cell = TanhCell(dim, key=k1, scale=0.6, dtype=dtype)
-    return cell, jnp.zeros(dim, dtype), jax.random.normal(k2, (dim,), dtype)
+    return array_problem(key, default_float(), dim=dim, scale=0.6, start=0.0)
 
 
 @pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: type(s).__name__)

@@ -1,6 +1,8 @@
 """The straight-line path (`unroll=True`) against the loop path: same values,
 statistics and gradients, and the same stops."""
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -11,23 +13,11 @@ import pytest
 import revdeq
 from revdeq.testing import TanhCell, plain_reversible_loop, relative_error
 
-from .helpers import PytreeCell
+from .helpers import array_problem, pytree_problem
 
 
-def _array_problem(key):
-    k1, k2 = jax.random.split(key)
-    cell = TanhCell(6, key=k1, dtype=jnp.float32)
-    return cell, jnp.zeros(6), jax.random.normal(k2, (6,))
-
-
-def _pytree_problem(key):
-    k1, k2 = jax.random.split(key)
-    cell = PytreeCell(3, 2, key=k1, dtype=jnp.float32)
-    z0 = {"a": jnp.zeros(3), "b": jnp.full((2, 2), 0.1)}
-    x = {"a": jax.random.normal(k2, (3,)), "b": jnp.full((2, 2), 0.2)}
-    return cell, z0, x
-
-
+_float32_array_problem = functools.partial(array_problem, dtype=jnp.float32)
+_float32_pytree_problem = functools.partial(pytree_problem, dtype=jnp.float32)
 FIXED = dict(rtol=0, atol=0)
 SOLVERS = {
     "exact-0.5": revdeq.Reversible(beta=0.5, **FIXED),
@@ -72,14 +62,14 @@ def _batch(tree, scales):
 
 @pytest.mark.parametrize(
     "name, steps, problem",
-    [(name, 3, _array_problem) for name in SOLVERS if name != "exact-0.5"]
-    + [("float-0.5", 1, _pytree_problem)]
+    [(name, 3, _float32_array_problem) for name in SOLVERS if name != "exact-0.5"]
+    + [("float-0.5", 1, _float32_pytree_problem)]
     + [
-        pytest.param("exact-0.5", 3, _array_problem, marks=pytest.mark.slow),
+        pytest.param("exact-0.5", 3, _float32_array_problem, marks=pytest.mark.slow),
         # Across words of the exact state's buffer (2 steps each at β = 0.9).
-        pytest.param("exact-0.9", 10, _array_problem, marks=pytest.mark.slow),
-        pytest.param("exact-0.9", 10, _pytree_problem, marks=pytest.mark.slow),
-        pytest.param("anderson", 10, _pytree_problem, marks=pytest.mark.slow),
+        pytest.param("exact-0.9", 10, _float32_array_problem, marks=pytest.mark.slow),
+        pytest.param("exact-0.9", 10, _float32_pytree_problem, marks=pytest.mark.slow),
+        pytest.param("anderson", 10, _float32_pytree_problem, marks=pytest.mark.slow),
     ],
 )
 def test_unrolled_matches_loop(getkey, name, steps, problem):

@@ -75,8 +75,11 @@ and per model and seed `metrics.jsonl` and `checkpoints/`.
 """
 
 import argparse
+import functools
 import math
 import pathlib
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import _common
 import equinox as eqx
@@ -85,6 +88,7 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 import optax
+from jaxtyping import Integer
 
 import revdeq
 
@@ -304,6 +308,111 @@ def ngram_rows(
     return rows
 
 
+class _Windows(NamedTuple):
+    """The training windows, and the held-out windows of each split."""
+
+    train: Integer[np.ndarray, "windows window"]
+    held_out: dict[str, Integer[np.ndarray, "windows window"]]
+
+
+def _windows(args: argparse.Namespace) -> _Windows:
+    """The corpus of `args`, tokenised and cut into windows of `--seq-len + 1`
+    tokens: `--limit-train` drawn at random for training, and the first
+    `--limit-test` of each held-out split."""
+    if args.dataset == "wikitext103":
+        corpus = revdeq.data.load_wikitext103()
+    else:
+        corpus = revdeq.data.load_text_corpus(args.text_files, max_bytes=args.max_bytes)
+    if args.paper:
+        corpus = gpt2_tokens(corpus)
+    key = jax.random.key(args.data_seed)
+    windows = functools.partial(revdeq.data.sequence_windows, seq_len=args.seq_len)
+    train = windows(corpus["train"], num_windows=args.limit_train, key=key)
+    held_out = {
+        split: windows(corpus[split], num_windows=args.limit_test)
+        for split in ("validation", "test")
+    }
+    return _Windows(train, held_out)
+
+
+def _evaluator(
+    args: argparse.Namespace, held_out: dict[str, Integer[np.ndarray, "windows window"]]
+) -> Callable[[eqx.Module], dict[str, float]]:
+    """`evaluate(model)`: bits per token on each held-out split, and an equilibrium
+    model's mean forward residual over both. Means over every target of every
+    window."""
+    cross_entropy = make_loss(0.0)
+
+    @revdeq.train.make_eval_step
+    def eval_step(model, batch):
+        loss, metrics = cross_entropy(model, batch, jax.random.key(0))
+        solves = {k: v for k, v in metrics.items() if k == "forward_residual"}
+        return {"loss": loss, **solves}
+
+    def evaluate(model: eqx.Module) -> dict[str, float]:
+        metrics, steps = {}, []
+        for split, windows in held_out.items():
+            batches = revdeq.data.sequence_batches(
+                windows, args.seq_len, args.batch_size, shuffle=False, drop_last=False
+            )
+            split_steps = [(len(b[0]), eval_step(model, b)) for b in batches]
+            nats = _mean_over_windows(split_steps, "loss")
+            metrics[f"{split}_bits_per_token"] = nats / math.log(2)
+            steps += split_steps
+        if "forward_residual" in steps[0][1]:
+            metrics["forward_residual"] = _mean_over_windows(steps, "forward_residual")
+        return metrics
+
+    return evaluate
+
+
+def _run_seed(
+    args: argparse.Namespace,
+    variant: str,
+    evals: int | None,
+    seed: int,
+    windows: _Windows,
+    evaluate: Callable[[eqx.Module], dict[str, float]],
+    out: pathlib.Path,
+) -> dict[str, Any]:
+    """Train one model from `seed`, and its row of the report."""
+    loss_fn = make_loss(args.jacobian_penalty if variant == "deq" else 0.0)
+
+    def batches(key):
+        return revdeq.data.sequence_batches(
+            windows.train, args.seq_len, args.batch_size, key=key
+        )
+
+    residuals = _common.Residuals()
+    model = build_model(args, variant, evals, jax.random.key(seed), residuals)
+    model, summary = _common.train(
+        model,
+        loss_fn,
+        evaluate,
+        batches,
+        num_batches=len(windows.train) // args.batch_size,
+        args=argparse.Namespace(**{**vars(args), "seed": seed}),
+        out=out,
+    )
+    example = jax.tree.map(lambda a: a[:1], next(batches(jax.random.key(0))))
+    train_tokens_seen = summary["steps"] * args.batch_size * args.seq_len
+    row = {
+        "cell": cell_name(model),
+        "test_bits_per_token": summary["test_bits_per_token"],
+        "validation_bits_per_token": summary["validation_bits_per_token"],
+        "tokens_per_second": train_tokens_seen / summary["train_time_s"],
+        "wall_time_s": summary["wall_time_s"],
+        **_common.count_fn_evals(model, loss_fn, example),
+        "peak_memory_bytes": summary["peak_memory_bytes"],
+        "num_params": revdeq.nn.count_parameters(model),
+    }
+    if "forward_residual" in summary:
+        row["forward_residual"] = summary["forward_residual"]
+    if residuals.values:
+        row["backward_residual"] = residuals.recent_mean()
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     """Train every requested model once per seed, write the reports and return the
     results (per model, the means and spreads over the seeds; then the n-gram rows).
@@ -312,102 +421,21 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     """
     args = parse_args(argv)
     revdeq.train.maybe_initialize_distributed()
-    if args.dataset == "wikitext103":
-        corpus = revdeq.data.load_wikitext103()
-    else:
-        corpus = revdeq.data.load_text_corpus(args.text_files, max_bytes=args.max_bytes)
-    if args.paper:
-        corpus = gpt2_tokens(corpus)
-    train_windows = revdeq.data.sequence_windows(
-        corpus["train"],
-        args.seq_len,
-        args.limit_train,
-        key=jax.random.key(args.data_seed),
-    )
-    held_out = {
-        split: revdeq.data.sequence_windows(
-            corpus[split], args.seq_len, args.limit_test
-        )
-        for split in ("validation", "test")
-    }
+    windows = _windows(args)
+    evaluate = _evaluator(args, windows.held_out)
     out = pathlib.Path(args.out)
-    cross_entropy = make_loss(0.0)
-
-    def batches(key):
-        return revdeq.data.sequence_batches(
-            train_windows, args.seq_len, args.batch_size, key=key
-        )
-
-    @revdeq.train.make_eval_step
-    def eval_step(model, batch):
-        loss, metrics = cross_entropy(model, batch, jax.random.key(0))
-        solves = {k: v for k, v in metrics.items() if k == "forward_residual"}
-        return {"loss": loss, **solves}
-
-    def evaluate(model):
-        """Bits per token on each held-out split, and an equilibrium model's mean
-        forward residual over both. Means over every target of every window."""
-        metrics, steps = {}, []
-        for split, windows in held_out.items():
-            split_steps = [
-                (len(batch[0]), eval_step(model, batch))
-                for batch in revdeq.data.sequence_batches(
-                    windows,
-                    args.seq_len,
-                    args.batch_size,
-                    shuffle=False,
-                    drop_last=False,
-                )
-            ]
-            nats = _mean_over_windows(split_steps, "loss")
-            metrics[f"{split}_bits_per_token"] = nats / math.log(2)
-            steps += split_steps
-        if "forward_residual" in steps[0][1]:
-            metrics["forward_residual"] = _mean_over_windows(steps, "forward_residual")
-        return metrics
-
-    num_batches = len(train_windows) // args.batch_size
     results = {}
     for name, variant, evals in _common.comparison_runs(args, VARIANTS):
-        penalty = args.jacobian_penalty if variant == "deq" else 0.0
-        loss_fn = make_loss(penalty)
-        rows = []
-        for seed in args.seeds:
-            residuals = _common.Residuals()
-            key = jax.random.key(seed)
-            model = build_model(args, variant, evals, key, residuals)
-            seed_args = argparse.Namespace(**{**vars(args), "seed": seed})
-            model, summary = _common.train(
-                model,
-                loss_fn,
-                evaluate,
-                batches,
-                num_batches=num_batches,
-                args=seed_args,
-                out=out / name / f"seed-{seed}",
-            )
-            example = jax.tree.map(lambda a: a[:1], next(batches(jax.random.key(0))))
-            train_tokens_seen = summary["steps"] * args.batch_size * args.seq_len
-            row = {
-                "cell": cell_name(model),
-                "test_bits_per_token": summary["test_bits_per_token"],
-                "validation_bits_per_token": summary["validation_bits_per_token"],
-                "tokens_per_second": train_tokens_seen / summary["train_time_s"],
-                "wall_time_s": summary["wall_time_s"],
-                **_common.count_fn_evals(model, loss_fn, example),
-                "peak_memory_bytes": summary["peak_memory_bytes"],
-                "num_params": revdeq.nn.count_parameters(model),
-            }
-            if "forward_residual" in summary:
-                row["forward_residual"] = summary["forward_residual"]
-            if residuals.values:
-                row["backward_residual"] = residuals.recent_mean()
-            rows.append(row)
+        run = functools.partial(_run_seed, args, variant, evals, windows=windows)
+        rows = [
+            run(seed, evaluate=evaluate, out=out / name / f"seed-{seed}")
+            for seed in args.seeds
+        ]
         results[name] = _common.mean_over_seeds(rows)
     runs = {
         name: out / name / f"seed-{args.seeds[0]}" / "metrics.jsonl" for name in results
     }
-    results |= ngram_rows(train_windows, held_out, args.vocab_size)
+    results |= ngram_rows(windows.train, windows.held_out, args.vocab_size)
     table = _common.write_reports(out, results, runs=runs)
     _common.plot_against_evals(
         results, "test_bits_per_token", out / "bits_vs_evals.png"

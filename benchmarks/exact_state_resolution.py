@@ -32,7 +32,7 @@ def main() -> None:
     rows = []
     for beta in BETAS:
         solver = revdeq.Reversible(beta=beta, rtol=0, atol=0)
-        b = solver.relaxation
+        b = solver.effective_beta
         _, n, d = rational(1 - beta)
         for steps in STEPS:
             truth = plain_reversible_loop(*as64, b, steps)

@@ -219,7 +219,7 @@ def equilibrium_config(variant: str, steps: int, beta: float) -> dict[str, Any]:
 class Residuals:
     """Relative residuals of the solves (forward, or the backward linear solves),
     collected on the host during training, e.g. by `jax.debug.callback` or an
-    `ImplicitAdjoint`'s `on_residual`."""
+    `ImplicitAdjoint`'s `on_backward_residual`."""
 
     def __init__(self):
         self.values: list[float] = []

@@ -183,10 +183,14 @@ def build_model(
             raise ValueError(f"`evals` is needed for the {variant!r} model.")
         # A bounded backward solve: GMRES spends about one VJP per forward evaluation.
         gmres = lx.GMRES(rtol=0, atol=0, restart=evals, max_steps=2)
-        on_residual = None if backward_residuals is None else backward_residuals.append
+        on_backward_residual = (
+            None if backward_residuals is None else backward_residuals.append
+        )
         config = dict(
             solver=revdeq.Anderson(rtol=0, atol=0),
-            adjoint=revdeq.ImplicitAdjoint(gmres, on_residual=on_residual),
+            adjoint=revdeq.ImplicitAdjoint(
+                gmres, on_backward_residual=on_backward_residual
+            ),
             max_steps=evals,
         )
     else:

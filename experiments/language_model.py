@@ -211,7 +211,7 @@ def build_model(
         # default GMRES (to 1e-5, restarts of 20) at a third of its
         # vector-Jacobian products (measured at width 32, 5 evaluations).
         gmres = lx.GMRES(rtol=0, atol=0, restart=evals, max_steps=2)
-        implicit = revdeq.ImplicitAdjoint(gmres, on_residual=residuals.append)
+        implicit = revdeq.ImplicitAdjoint(gmres, on_backward_residual=residuals.append)
         config = dict(adjoint=implicit, max_steps=evals)
     else:
         config = _common.equilibrium_config(variant, args.steps, args.beta)

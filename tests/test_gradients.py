@@ -222,6 +222,47 @@ def test_reversible_backward_evaluates_f_twice_per_step(getkey):
     assert len(count) - forward == 2 * steps
 
 
+@pytest.mark.parametrize("unroll", [False, True])
+def test_reversible_backward_skips_cotangents_not_asked_for(getkey, unroll):
+    # A probe on `x` counts each cotangent taken through it: none when only `z0` is
+    # differentiated, one per evaluation of `f` in the backward pass when `x` is.
+    cell, z0, x = array_problem(getkey(), jnp.float32)
+    count = []
+
+    @jax.custom_vjp
+    def probe(x):
+        return x
+
+    def probe_bwd(_, g):
+        jax.debug.callback(lambda: count.append(1))
+        return (g,)
+
+    probe.defvjp(lambda x: (x, None), probe_bwd)
+    steps = 3
+    solver = revdeq.Reversible(rtol=0, atol=0)
+
+    def loss(z0, x):
+        sol = revdeq.solve(
+            lambda z, x: cell(z, probe(x)),
+            z0,
+            x,
+            solver=solver,
+            max_steps=steps,
+            unroll=unroll,
+        )
+        return jnp.sum(jnp.sin(sol.value))
+
+    def plain(z0, x):
+        return jnp.sum(jnp.sin(plain_reversible_loop(cell, z0, x, 0.8, steps)))
+
+    z0_grad = jax.block_until_ready(jax.grad(loss)(z0, x))
+    assert count == []
+    assert relative_error(z0_grad, jax.grad(plain)(z0, x)) <= 1e-5
+    x_grad = jax.block_until_ready(jax.grad(loss, argnums=1)(z0, x))
+    assert len(count) == 2 * steps
+    assert relative_error(x_grad, jax.grad(plain, argnums=1)(z0, x)) <= 1e-5
+
+
 @pytest.mark.parametrize(
     "solver, adjoint, unroll",
     [
@@ -262,8 +303,8 @@ def test_no_nan_is_created_and_masked(x64, getkey, solver, adjoint, unroll):
 
 def test_bounded_implicit_solve_reports_its_residual(x64, getkey):
     """A linear solve with zero tolerances runs its budget without warning, and
-    `on_residual` gets its true residual: tiny once GMRES spans the space, larger
-    (and matching a larger gradient error) when it cannot."""
+    `on_backward_residual` gets its true residual: tiny once GMRES spans the space,
+    larger (and matching a larger gradient error) when it cannot."""
     import lineax as lx
 
     cell, z0, x = array_problem(getkey())
@@ -273,7 +314,7 @@ def test_bounded_implicit_solve_reports_its_residual(x64, getkey):
     for restart in (1, z0.size):
         reported = []
         bounded = lx.GMRES(rtol=0, atol=0, restart=restart, max_steps=2)
-        adjoint = revdeq.ImplicitAdjoint(bounded, on_residual=reported.append)
+        adjoint = revdeq.ImplicitAdjoint(bounded, on_backward_residual=reported.append)
 
         def out(cell, x):
             sol = revdeq.solve(

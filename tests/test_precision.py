@@ -34,7 +34,7 @@ def test_exact_state_matches_float64_truth(getkey, beta, steps):
     solver = revdeq.Reversible(beta=beta, rtol=0, atol=0)
 
     got = solve_grad(cell, z0s, xs, solver=solver, max_steps=steps)
-    beta = solver.relaxation  # the nearest reversible one
+    beta = solver.effective_beta  # the nearest reversible one
     truth = float64_loop_grad(cell, z0s, xs, beta=beta, steps=steps)
     assert relative_error(got, truth) <= 1e-5
 
@@ -266,8 +266,8 @@ def test_no_nan_far_past_convergence(getkey):
 def test_unusual_beta_uses_the_nearest_reversible_one(getkey):
     # 1 - 0.123 = 877/1000 needs n·d > 2^15: the iteration uses 1 - 164/187.
     solver = revdeq.Reversible(beta=0.123, rtol=0, atol=0)
-    assert solver.relaxation == pytest.approx(0.123, abs=1e-4)
-    assert revdeq.Reversible(beta=0.8).relaxation == 0.8
+    assert solver.effective_beta == pytest.approx(0.123, abs=1e-4)
+    assert revdeq.Reversible(beta=0.8).effective_beta == 0.8
     cell, z0s, xs = float32_problem(getkey())
 
     grad = functools.partial(solve_grad, cell, z0s, xs, solver=solver, max_steps=10)

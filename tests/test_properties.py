@@ -197,7 +197,7 @@ def test_exact_or_reported(case):
         # others, so `f(z0)` is not reproducible bit for bit: within one rounding,
         # which undoing the first step amplifies by `β / |1 − β|`. The certificate,
         # whose default tolerance is 0, reports it.
-        beta = solver.relaxation
+        beta = solver.effective_beta
         amplification = max(1.0, beta / abs(1 - beta))
         assert float(drift) <= amplification * float(jnp.finfo(case["dtype"]).eps)
         warned = [w for w in warned if "drifted" not in str(w.message)]
@@ -217,7 +217,7 @@ def test_exact_or_reported(case):
     def plain_gradient(cell, z0, x):
         def loss(cell, x):
             out = plain_reversible_loop(
-                cell, z0, x, solver.relaxation, steps, scan=True
+                cell, z0, x, solver.effective_beta, steps, scan=True
             )
             return _loss(out, m)
 
@@ -235,7 +235,7 @@ def test_exact_or_reported(case):
         reachable = relative_error(plain_gradient(*as_probe), truth) * (
             float(jnp.finfo(dtype).eps) / float(jnp.finfo(probe).eps)
         )
-        beta = solver.relaxation
+        beta = solver.effective_beta
         headroom = max(1.0, beta / (1 - abs(1 - beta)))
         tolerance = max(_GRADIENT_RTOL[case["dtype"]], 20 * headroom * reachable)
         assert relative_error(grads, truth) <= tolerance

@@ -37,17 +37,17 @@ class ImplicitAdjoint(AbstractAdjoint):
     A linear solver with `rtol = atol = 0` then runs its whole budget as planned, as
     DEQ training usually does: `lx.GMRES(rtol=0, atol=0, restart=k, max_steps=2)`
     spends about `k` vector-Jacobian products, and GMRES never ends with a larger
-    residual than its start. The gradient is then approximate: pass `on_residual` to
-    see how far.
+    residual than its start. The gradient is then approximate: pass
+    `on_backward_residual` to see how far.
 
     **Arguments:**
 
     - `linear_solver`: a matrix-free `lineax` solver (default GMRES). Dense solvers
         such as `lx.LU()` materialise the Jacobian: use them only for small states.
-    - `on_residual`: a host function called in every backward pass with the relative
-        residual `‖(I − ∂f/∂z)ᵀ w − g‖ / ‖g‖` of the linear solve (once per sample
-        under `vmap`), at the cost of one more vector-Jacobian product; e.g.
-        `list.append`, to log it.
+    - `on_backward_residual`: a host function called in every backward pass with
+        the relative residual `‖(I − ∂f/∂z)ᵀ w − g‖ / ‖g‖` of the linear solve (once
+        per sample under `vmap`), at the cost of one more vector-Jacobian product;
+        e.g. `list.append`, to log it.
 
     ??? cite "Reference"
 
@@ -81,14 +81,18 @@ class ImplicitAdjoint(AbstractAdjoint):
 
         residuals = []  # a bounded solve of about 8 VJPs, and how well it did
         bounded = lx.GMRES(rtol=0, atol=0, restart=8, max_steps=2)
-        adjoint = revdeq.ImplicitAdjoint(bounded, on_residual=residuals.append)
+        adjoint = revdeq.ImplicitAdjoint(
+            bounded, on_backward_residual=residuals.append
+        )
         ```
     """
 
     linear_solver: lx.AbstractLinearSolver = lx.GMRES(
         rtol=1e-5, atol=1e-5, restart=20, stagnation_iters=20, max_steps=200
     )
-    on_residual: Callable[[Array], None] | None = eqx.field(default=None, static=True)
+    on_backward_residual: Callable[[Array], None] | None = eqx.field(
+        default=None, static=True
+    )
 
     def apply(
         self,
@@ -104,7 +108,7 @@ class ImplicitAdjoint(AbstractAdjoint):
         # The fixed point does not depend on where the solve started.
         z0 = jax.lax.stop_gradient(z0)
         steps = (max_steps, unroll)
-        backward = (self.linear_solver, self.on_residual)
+        backward = (self.linear_solver, self.on_backward_residual)
         return _implicit_solve((fn, args), z0, solver, steps, backward, throw)
 
 
@@ -150,7 +154,7 @@ def _implicit_solve_bwd(
     throw: bool,
 ) -> PyTree:
     del perturbed, z0, solver, steps
-    linear_solver, on_residual = backward
+    linear_solver, on_backward_residual = backward
     fn, args = fn_args
     cotangent = tree_zeros_for_none(grad_obj.value, z_star)
     _, vjp_z = jax.vjp(lambda z: fn(z, args), z_star)
@@ -162,8 +166,10 @@ def _implicit_solve_bwd(
     sol = lx.linear_solve(
         operator, cotangent, linear_solver, options={"y0": cotangent}, throw=False
     )
-    if on_residual is not None:
-        jax.debug.callback(on_residual, relative_residual(cotangent, matvec(sol.value)))
+    if on_backward_residual is not None:
+        jax.debug.callback(
+            on_backward_residual, relative_residual(cotangent, matvec(sol.value))
+        )
     failed = sol.result != lx.RESULTS.successful
     w = report_failure(sol.value, [(failed, _NOT_CONVERGED)], throw)
     _, vjp_fn_args = eqx.filter_vjp(lambda fa: fa[0](z_star, fa[1]), fn_args)

@@ -109,6 +109,7 @@ def reverse_pass(
     *,
     max_steps: int,
     unroll: bool,
+    wrt: PyTree[bool] | Callable[[Any], bool] = True,
 ) -> tuple[ReversiblePair, Y, PyTree]:
     """Walk `num_steps` reversible steps back from `final_pair`, accumulating the
     cotangents of `(fn, args)` and of the state.
@@ -121,11 +122,19 @@ def reverse_pass(
     the loop is straight-line code over the `max_steps` steps the forward pass may
     have taken, each one masked by `num_steps`.
 
+    `wrt` is an [`equinox.partition`][] filter on `(fn, args)`: of the
+    floating-point arrays, those it selects are differentiated and the others held
+    constant, so that no work goes into cotangents that are not wanted.
+
     Returns the rebuilt initial pair, the cotangent of `z0` and that of the
-    floating-point arrays of `(fn, args)`.
+    floating-point arrays of `(fn, args)` that `wrt` selects (`None` elsewhere).
     """
+    selected, rest = eqx.partition((fn, args), wrt)
+    diff, constant = eqx.partition(selected, eqx.is_inexact_array)
     inputs = _ReverseInputs(
-        (fn, args), _ReverseStart(final_pair, num_steps, cotangent, z0)
+        diff,
+        eqx.combine(constant, rest),
+        _ReverseStart(final_pair, num_steps, cotangent, z0),
     )
     dynamic, static = eqx.partition(inputs, eqx.is_array)
     reverse = functools.partial(_reverse_loop, solver, static, max_steps, unroll)
@@ -142,7 +151,7 @@ def reverse_pass(
         out = reverse(dynamic, axis_size, batched)
         pair, z0_grad, grads = out
         every = jtu.tree_map(lambda _: True, (pair, z0_grad))
-        return out, (*every, _axes(grads, batched.fn_args, True, False))
+        return out, (*every, _axes(grads, batched.diff, True, False))
 
     return run(dynamic)
 
@@ -157,9 +166,11 @@ class _ReverseStart(NamedTuple):
 
 
 class _ReverseInputs(NamedTuple):
-    """What the reverse loop reads: `fn_args` is what it differentiates."""
+    """What the reverse loop reads: `(fn, args)` split into the arrays it
+    differentiates, `diff`, and the rest, held constant."""
 
-    fn_args: tuple[Fn, Args]
+    diff: PyTree
+    rest: PyTree
     start: _ReverseStart
 
 
@@ -195,12 +206,11 @@ def _reverse_loop(
     axis_size: int | None,
     batched: _ReverseInputs | None,
 ) -> tuple[ReversiblePair, Y, PyTree]:
-    """The reverse loop, on one example (`axis_size=None`) or on a batch whose
+    """The reverse loop, on one example (`batched=None`) or on a batch whose
     batched leaves are flagged in `batched`."""
     start = dynamic.start
-    if axis_size is None or batched is None:
+    if batched is None:
         lift = _identity
-        fn_args_batched = None
     else:
         # The state, step counts, cotangent and z₀ all become batched.
         start = jtu.tree_map(
@@ -209,13 +219,11 @@ def _reverse_loop(
             batched.start,
         )
         lift = jax.vmap
-        fn_args_batched = batched.fn_args
     start = eqx.combine(start, static.start)
-    diff, nondiff = eqx.partition(dynamic.fn_args, eqx.is_inexact_array)
-    vjp_at = _vjp_at(static.fn_args, diff, nondiff, fn_args_batched, axis_size, unroll)
+    vjp_at = _vjp_at(static.rest, dynamic, batched, axis_size, unroll)
     undo = functools.partial(_undo, solver, vjp_at, lift, start.z0)
 
-    grads = jtu.tree_map(jnp.zeros_like, diff)
+    grads = jtu.tree_map(jnp.zeros_like, dynamic.diff)
     ybar = jtu.tree_map(jnp.zeros_like, start.cotangent)
     carry = _ReverseCarry(start.final_pair, ybar, start.cotangent, grads)
     if unroll:
@@ -253,7 +261,7 @@ def _undo(
     first_step: bool = False,
 ) -> _ReverseCarry:
     """Undo forward step `step` where `active`, accumulating its cotangents."""
-    beta = solver.relaxation
+    beta = solver.effective_beta
     decode = lift(solver.decode)
     pair, ybar, zbar, grads = carry.pair, carry.ybar, carry.zbar, carry.grads
     # zₙ₊₁ = c·zₙ + β·f(yₙ₊₁)
@@ -295,25 +303,29 @@ def _undo_half(
 
 
 def _vjp_at(
-    fn_args_static: tuple[Fn, Args],
-    diff: PyTree,
-    nondiff: PyTree,
-    batched: PyTree[bool] | None,
+    static_rest: PyTree,
+    dynamic: _ReverseInputs,
+    batched: _ReverseInputs | None,
     axis_size: int | None,
     unroll: bool,
 ) -> Callable[[Y, PyTree], tuple[Y, Callable]]:
-    """`vjp_at(point, grads)`: `f(point)` and its VJP in `(diff, point)`, batched
-    like the reverse loop."""
+    """`vjp_at(point, grads)`: `f(point)` and its VJP in `(dynamic.diff, point)`,
+    batched like the reverse loop."""
+    diff, rest = dynamic.diff, dynamic.rest
 
-    def apply(diff: PyTree, point: Y, nondiff: PyTree) -> Y:
-        fn, args = eqx.combine(diff, nondiff, fn_args_static)
+    def apply(diff: PyTree, point: Y, rest: PyTree) -> Y:
+        fn, args = eqx.combine(diff, rest, static_rest)
         return fn(point, args)
 
-    if axis_size is None:
+    if batched is None:
         evaluate = apply
     else:
-        in_axes = (_axes(diff, batched, 0, None), 0, _axes(nondiff, batched, 0, None))
-        evaluate = jax.vmap(apply, in_axes=in_axes)
+        in_axes = (
+            _axes(diff, batched.diff, 0, None),
+            0,
+            _axes(rest, batched.rest, 0, None),
+        )
+        evaluate = jax.vmap(apply, in_axes=in_axes, axis_size=axis_size)
 
     def vjp_at(point: Y, grads: PyTree) -> tuple[Y, Callable]:
         leaves = jtu.tree_leaves(grads)
@@ -327,7 +339,7 @@ def _vjp_at(
                 start=jnp.zeros((), jnp.float32),
             )
             point = jtu.tree_map(lambda p: p + tie.astype(p.dtype), point)
-        return jax.vjp(lambda d, p: evaluate(d, p, nondiff), diff, point)
+        return jax.vjp(lambda d, p: evaluate(d, p, rest), diff, point)
 
     return vjp_at
 
@@ -410,19 +422,19 @@ def _reversible_solve_fwd(
 
 @_reversible_solve.def_bwd
 def _reversible_solve_bwd(
-    residuals: tuple[PyTree, Int[Array, ""]],
+    saved: tuple[PyTree, Int[Array, ""]],
     grad_obj: Any,
-    perturbed: Any,
+    perturbed: PyTree[bool],
     fn_z0_args: tuple[Fn, Y, Args],
     solver: Reversible,
     steps: tuple[int, bool],
     tolerance: float,
     throw: bool,
 ) -> tuple[PyTree, Y, PyTree]:
-    del perturbed
     max_steps, unroll = steps
-    final_state, num_steps = residuals
+    final_state, num_steps = saved
     fn, true_z0, args = fn_z0_args
+    fn_perturbed, _, args_perturbed = perturbed
     final_pair = solver.final_pair(final_state)
     cotangent = tree_zeros_for_none(grad_obj.value, solver.decode(final_pair.z))
     rebuilt, z0_grad, (fn_grad, args_grad) = reverse_pass(
@@ -435,6 +447,7 @@ def _reversible_solve_bwd(
         true_z0,
         max_steps=max_steps,
         unroll=unroll,
+        wrt=(fn_perturbed, args_perturbed),
     )
     grads = (fn_grad, z0_grad, args_grad)
     lost = solver.representation_status(final_state) != RESULTS.successful
@@ -498,5 +511,6 @@ def reconstruction_error(
         z0,
         max_steps=max_steps,
         unroll=unrolled,
+        wrt=False,  # the states alone: no cotangent is wanted
     )
     return solver.reconstruction_drift(out.state, rebuilt)

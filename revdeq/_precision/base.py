@@ -22,7 +22,7 @@ class AbstractPrecision(eqx.Module):
 
     @abc.abstractmethod
     def representable_beta(self, beta: float) -> float:
-        """The relaxation this representation uses in place of `beta`."""
+        """The β this representation uses in place of `beta`."""
 
     @abc.abstractmethod
     def encode(self, z0: Y, fz0: Y, beta: float, differentiable: bool) -> PyTree:

@@ -99,7 +99,7 @@ class Reversible(AbstractSegmentedSolver[_ReversibleState]):
             )
 
     @property
-    def relaxation(self) -> float:
+    def effective_beta(self) -> float:
         """The `β` the iteration uses: `beta` itself, unless the precision can only
         reverse a nearby value exactly (see [`revdeq.ExactState`][])."""
         return self.precision.representable_beta(self.beta)
@@ -119,7 +119,7 @@ class Reversible(AbstractSegmentedSolver[_ReversibleState]):
         # Drivers other than revdeq's (optimistix's) do not say whether they
         # differentiate the loop: assume they do, so that no gradient is lost.
         differentiable = options.get("differentiable", True)
-        state = self.precision.encode(y, fz0, self.relaxation, differentiable)
+        state = self.precision.encode(y, fz0, self.effective_beta, differentiable)
         # The first step uses f at the true z₀; the backward pass evaluates f there
         # too. The certificate compares against the encoded z₀.
         start = self.precision.decode(state)
@@ -137,7 +137,7 @@ class Reversible(AbstractSegmentedSolver[_ReversibleState]):
         tags: frozenset[object],
     ) -> tuple[Y, _ReversibleState, Any]:
         del y, options, tags
-        beta, step = self.relaxation, state.num_steps
+        beta, step = self.effective_beta, state.num_steps
         ys = self.precision.forward(state.pair.y, state.fz, beta, step)
         fy, _ = fn(self.precision.decode(ys), args)
         zs = self.precision.forward(state.pair.z, fy, beta, step)
@@ -156,7 +156,7 @@ class Reversible(AbstractSegmentedSolver[_ReversibleState]):
     ) -> ReversiblePair:
         """Undo `z ← (1 − β)·z + β·f(y)` of forward step `step`, given
         `fy = f(decode(pair.y))`."""
-        z = self.precision.reverse(pair.z, fy, self.relaxation, step)
+        z = self.precision.reverse(pair.z, fy, self.effective_beta, step)
         return ReversiblePair(pair.y, z)
 
     def undo_y(
@@ -164,7 +164,7 @@ class Reversible(AbstractSegmentedSolver[_ReversibleState]):
     ) -> ReversiblePair:
         """Undo `y ← (1 − β)·y + β·f(z)` of forward step `step`, given
         `fz = f(decode(pair.z))` at the `z` that `undo_z` rebuilt."""
-        y = self.precision.reverse(pair.y, fz, self.relaxation, step)
+        y = self.precision.reverse(pair.y, fz, self.effective_beta, step)
         return ReversiblePair(y, pair.z)
 
     def decode(self, states: PyTree) -> PyTree:
@@ -196,7 +196,7 @@ class Reversible(AbstractSegmentedSolver[_ReversibleState]):
     def segment_length(self, max_steps: int) -> int:
         precision = self.precision
         if isinstance(precision, AbstractSegmentedPrecision):
-            return precision.segment_length(self.relaxation, max_steps)
+            return precision.segment_length(self.effective_beta, max_steps)
         return max_steps
 
     def archive(self, state: _ReversibleState) -> ReversiblePair | None:

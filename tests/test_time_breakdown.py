@@ -1,0 +1,72 @@
+"""`benchmarks/time_breakdown.py`, run as users run it, in a fresh Python."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from .helpers import script_environment
+
+
+SCRIPT = (
+    pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "time_breakdown.py"
+)
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        env=script_environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow  # two subprocesses each compile six programs
+def test_breakdown_table():
+    result = run("--steps", "2", "--beta", "0.8")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    table = lines[
+        lines.index("beta=0.8, 2 steps; times relative to the store-all step") + 1 :
+    ]
+    rows = [
+        line.split(" | ")
+        for line in table
+        if line.startswith("| ") and line[2].isdigit()
+    ]
+    cores = sorted({1, len(os.sched_getaffinity(0))})
+    assert [int(row[0].strip("| ")) for row in rows] == cores
+    for row in rows:
+        cells = [float(c.strip("| ")) for c in row[1:]]
+        store_ms, store_fwd, float_fwd, float_step, exact_fwd, exact_step = cells[:6]
+        structure, integer_fwd, integer_all = cells[6:]
+        assert store_ms > 0
+        assert 0 < store_fwd < 1 and 0 < float_fwd < float_step
+        assert 0 < exact_fwd < exact_step
+        # The derived columns are differences of the measured ones.
+        assert structure == pytest.approx(float_step - 1, abs=0.011)
+        assert integer_fwd == pytest.approx(exact_fwd - float_fwd, abs=0.011)
+        assert integer_all == pytest.approx(exact_step - float_step, abs=0.011)
+    counts = lines[-1].removeprefix("operations in the compiled step: ").split(", ")
+    operations = {c.rsplit(" ", 1)[0]: int(c.rsplit(" ", 1)[1]) for c in counts}
+    assert set(operations) == {"store-all", "FloatState", "ExactState"}
+    # The integer updates are operations of their own.
+    assert 0 < operations["FloatState"] < operations["ExactState"]
+    assert operations["store-all"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--steps", "0"), "--steps must be at least 1"),
+        (("--beta", "1"), "--beta must lie in (0, 2) and differ from 1"),
+    ],
+)
+def test_bad_arguments_name_the_flag(args, message):
+    result = run(*args)
+    assert result.returncode == 2
+    assert message in result.stderr

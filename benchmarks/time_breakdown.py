@@ -4,9 +4,11 @@ Run: `python benchmarks/time_breakdown.py [--beta 0.9] [--steps 4]` (about a min
 per step count on 2 CPU cores). For the tanh cell of `benchmarks/exactness.py`, it
 times the forward pass alone and the whole batched `value_and_grad` of three
 programs: store-all backprop as straight-line code, and the reversible adjoint with
-a `FloatState` and with the default `ExactState`. It measures them twice, in
-subprocesses pinned to one core and to all the cores this process may use, and
-prints every time relative to the store-all step on the same cores, with:
+a `FloatState` and with the default `ExactState`. It measures them in three fresh
+processes: pinned to one core; on all the cores this process may use; and on all of
+them with `EQX_ON_ERROR=nan`, under which the solve's checks return NaNs instead of
+raising through host callbacks (store-all has no checks). It prints every time
+relative to the store-all step of the same process, with:
 
 - the reversible structure, `FloatState − store-all`: the evaluations of `f` that
   the reverse pass repeats, and its chaining of them;
@@ -106,13 +108,15 @@ def measure(beta: float, steps: int) -> dict:
     }
 
 
-def _pinned(cores: list[int], beta: float, steps: int) -> dict:
-    """`measure` in a subprocess that may run only on `cores`."""
+def _in_process(cores: list[int], on_error: str, beta: float, steps: int) -> dict:
+    """`measure` in a fresh process that may run only on `cores`, with
+    `EQX_ON_ERROR=on_error`."""
     command = [sys.executable, __file__, "--worker", f"--beta={beta}"]
     out = subprocess.run(
         [*command, f"--steps={steps}"],
         capture_output=True,
         text=True,
+        env={**os.environ, "EQX_ON_ERROR": on_error},
         preexec_fn=lambda: os.sched_setaffinity(0, cores),
         cwd=os.path.dirname(os.path.abspath(__file__)),
     )
@@ -123,16 +127,19 @@ def _pinned(cores: list[int], beta: float, steps: int) -> dict:
 
 def main(beta: float, steps: int) -> None:
     available = sorted(os.sched_getaffinity(0))
-    header = ["cores", "store-all step (ms)", "store-all forward"]
+    settings = {"1 core": (available[:1], "raise")}
+    settings[f"{len(available)} cores"] = (available, "raise")
+    settings[f"{len(available)} cores, EQX_ON_ERROR=nan"] = (available, "nan")
+    header = ["process", "store-all step (ms)", "store-all forward"]
     header += [f"{p} {part}" for p in PROGRAMS[1:] for part in ("forward", "step")]
     header += ["reversible structure", "integer arithmetic: forward", "… in all"]
     rows, operations = [], None
-    for cores in sorted({1, len(available)}):
-        result = _pinned(available[:cores], beta, steps)
+    for setting, (cores, on_error) in settings.items():
+        result = _in_process(cores, on_error, beta, steps)
         rel = result["relative"]
         operations = result["operations"]
         row = [
-            cores,
+            setting,
             f"{result['store-all step ms']:.2f}",
             f"{rel['store-all forward']:.2f}",
         ]

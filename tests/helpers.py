@@ -57,6 +57,18 @@ def run_script(script: str, xla_flags: str = "", env: dict[str, str] | None = No
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def run_file(path: object, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """Run the Python file at `path` with `args` in a fresh Python (see
+    `script_environment`), as a user runs it; its output is captured."""
+    return subprocess.run(
+        [sys.executable, str(path), *args],
+        env=script_environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def finite_difference_jvp(fn, primal, tangent, eps=1e-6):
     """Central difference of `fn` at `primal` along `tangent` (use in float64)."""
     plus = jtu.tree_map(lambda p, t: p + eps * t, primal, tangent)

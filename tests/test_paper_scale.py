@@ -4,27 +4,20 @@ import json
 import math
 import pathlib
 import subprocess
-import sys
 
 import jax
 import pytest
 
 import revdeq
 
-from .helpers import script_environment
+from .helpers import run_file
 
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "paper_scale.py"
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        env=script_environment(),
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    return run_file(SCRIPT, *args, timeout=1200)
 
 
 def reduced_parameter_counts() -> dict[str, int]:

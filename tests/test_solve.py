@@ -1,5 +1,6 @@
 """The public contract of `revdeq.solve`: results, statistics, errors, interop."""
 
+import functools
 import textwrap
 
 import equinox as eqx
@@ -10,6 +11,7 @@ import optimistix as optx
 import pytest
 
 import revdeq
+import revdeq._adjoint.base as adjoint_base
 from revdeq.testing import TanhCell, plain_reversible_loop, relative_error
 
 from .helpers import PytreeCell, array_problem, default_float, run_script
@@ -210,6 +212,42 @@ def test_gradient_of_a_lost_exact_state_warns():
 
     with pytest.warns(RuntimeWarning, match="left the range"):
         jax.block_until_ready(jax.grad(loss)(jnp.ones(2)))
+
+
+def test_backward_warnings_call_the_host_only_on_failure(monkeypatch):
+    # Under throw=False the backward pass warns from a host callback. It must be
+    # called only when a check fails: called at every step, it made a small
+    # training step eight times slower.
+    calls = []
+    warn_if = adjoint_base._warn_if
+
+    def counted(*args):
+        calls.append(args)
+        return warn_if(*args)
+
+    monkeypatch.setattr(adjoint_base, "_warn_if", counted)
+
+    def loss(xs, jump):
+        def one(x):
+            solver = revdeq.Reversible(rtol=0, atol=0)
+            sol = revdeq.solve(
+                _jumping_cell(jump),
+                jnp.zeros(2),
+                x,
+                solver=solver,
+                max_steps=8,
+                throw=False,
+            )
+            return jnp.sum(sol.value)
+
+        return jnp.sum(jax.vmap(one)(xs))
+
+    xs = jnp.array([[1.0, 1.0], [0.5, -0.5]])
+    jax.block_until_ready(jax.grad(functools.partial(loss, jump=1.0))(xs))
+    assert calls == []
+    with pytest.warns(RuntimeWarning, match="left the range"):
+        jax.block_until_ready(jax.grad(functools.partial(loss, jump=1e6))(xs))
+    assert calls
 
 
 def test_exact_state_loss_is_reported_per_sample():

@@ -3,11 +3,10 @@
 import os
 import pathlib
 import subprocess
-import sys
 
 import pytest
 
-from .helpers import script_environment
+from .helpers import run_file
 
 
 SCRIPT = (
@@ -16,13 +15,7 @@ SCRIPT = (
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        env=script_environment(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_file(SCRIPT, *args, timeout=600)
 
 
 @pytest.mark.slow  # three fresh processes each compile six programs

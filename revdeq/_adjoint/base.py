@@ -5,6 +5,7 @@ from collections.abc import Sequence
 from typing import TypeVar
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int
@@ -48,14 +49,21 @@ def report_failure(value: _T, failures: Sequence[tuple[Array, str]], throw: bool
 
     Gradient rules have no result code to return, so this is how a backward pass
     reports a problem: never silently. All failures share one check, and so one host
-    callback.
+    callback, which is called only when a check failed (in any sample of a batch):
+    on a small training step, a call to the host every time costs several times
+    the step itself.
     """
     failed = jnp.stack([f for f, _ in failures])
     index = jnp.argmax(failed)
     messages = tuple(m for _, m in failures)
     if throw:
         return eqx.branched_error_if(value, jnp.any(failed), index, messages)
-    jax.debug.callback(functools.partial(_warn_if, messages), failed, index)
+    warn = functools.partial(_warn_if, messages)
+    jax.lax.cond(
+        eqxi.unvmap_any(jnp.any(failed)),
+        lambda: jax.debug.callback(warn, failed, index),
+        lambda: None,
+    )
     return value
 
 

@@ -19,15 +19,20 @@ def solve_value(cell, z0, x, *, solver, adjoint, steps):
     ).value
 
 
-def batched_value_and_grad(single):
-    """`value_and_grad` of a scalar loss of `single(cell, z0, x)` vmapped over a
-    batch: how users call a DEQ layer."""
+def batched_loss(single):
+    """A scalar loss of `single(cell, z0, x)` vmapped over a batch: how users call a
+    DEQ layer."""
 
     def loss(cell, z0s, xs):
         out = jax.vmap(single, in_axes=(None, 0, 0))(cell, z0s, xs)
         return jnp.mean(out**2)
 
-    return jax.jit(jax.value_and_grad(loss))
+    return loss
+
+
+def batched_value_and_grad(single):
+    """`value_and_grad` of `batched_loss(single)`, jitted."""
+    return jax.jit(jax.value_and_grad(batched_loss(single)))
 
 
 def interleaved_medians(fns: dict, *args, repeats=7, min_sample_seconds=0.05) -> dict:

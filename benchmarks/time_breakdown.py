@@ -27,7 +27,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from _common import batched_value_and_grad, interleaved_medians, markdown_table
+from _common import (
+    batched_loss,
+    batched_value_and_grad,
+    interleaved_medians,
+    markdown_table,
+    solve_value,
+)
 from exactness import BATCH, DIM, UNCHECKED
 
 import revdeq
@@ -41,30 +47,15 @@ REPEATS = 15
 def _singles(beta: float, steps: int) -> dict:
     def reversible(precision):
         solver = revdeq.Reversible(beta=beta, rtol=0.0, atol=0.0, precision=precision)
-
-        def single(cell, z0, x):
-            sol = revdeq.solve(
-                cell, z0, x, solver=solver, adjoint=UNCHECKED, max_steps=steps
-            )
-            return sol.value
-
-        return single
+        return functools.partial(
+            solve_value, solver=solver, adjoint=UNCHECKED, steps=steps
+        )
 
     return {
         "store-all": functools.partial(plain_reversible_loop, beta=beta, steps=steps),
         "FloatState": reversible(revdeq.FloatState()),
         "ExactState": reversible(revdeq.ExactState()),
     }
-
-
-def _forward(single):
-    """The loss alone, batched as in `batched_value_and_grad`."""
-
-    def loss(cell, z0s, xs):
-        out = jax.vmap(single, in_axes=(None, 0, 0))(cell, z0s, xs)
-        return jnp.mean(out**2)
-
-    return jax.jit(loss)
 
 
 _TRIVIAL = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
@@ -97,7 +88,8 @@ def measure(beta: float, steps: int) -> dict:
     for name, single in _singles(beta, steps).items():
         step = batched_value_and_grad(single)
         timed[f"{name} step"] = functools.partial(step, *args)
-        timed[f"{name} forward"] = functools.partial(_forward(single), *args)
+        forward = jax.jit(batched_loss(single))
+        timed[f"{name} forward"] = functools.partial(forward, *args)
         operations[name] = _operations(step.lower(*args).compile().as_text())
     times = interleaved_medians(timed, repeats=REPEATS)
     base = times["store-all step"]

@@ -293,9 +293,12 @@ def _materialise(s: _ExactLeaf, f: Array) -> tuple[_ExactLeaf, Array]:
     An update has several outputs (the state, the buffer's head), and XLA fuses
     elementwise producers into each consumer: past this barrier, the cell's last
     layers and the previous update are not evaluated again for every output.
-    XLA:CPU drops barriers before it fuses, so there this changes nothing (a tanh
-    and a conv cell compiled to the same programs without it), and
-    `computed_once` keeps what becomes an integer of the state computed once.
+    XLA:CPU drops barriers before it fuses, so there it does not keep anything
+    from being computed twice (a tanh and a conv cell compiled, straight-line, to
+    the same programs without it), and `computed_once` keeps what becomes an
+    integer of the state computed once. In XLA:CPU loop bodies it leaves copies of
+    the leaf's arrays, the buffer's words among them; they did not change the
+    time of a 16-step training step.
     """
     return jax.lax.optimization_barrier((s, f))
 

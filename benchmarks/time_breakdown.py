@@ -100,7 +100,7 @@ def measure(beta: float, steps: int) -> dict:
     }
 
 
-def _in_process(cores: list[int], on_error: str, beta: float, steps: int) -> dict:
+def _in_fresh_process(cores: list[int], on_error: str, beta: float, steps: int) -> dict:
     """`measure` in a fresh process that may run only on `cores`, with
     `EQX_ON_ERROR=on_error`."""
     command = [sys.executable, __file__, "--worker", f"--beta={beta}"]
@@ -127,7 +127,7 @@ def main(beta: float, steps: int) -> None:
     header += ["reversible structure", "integer arithmetic: forward", "… in all"]
     rows, operations = [], None
     for setting, (cores, on_error) in settings.items():
-        result = _in_process(cores, on_error, beta, steps)
+        result = _in_fresh_process(cores, on_error, beta, steps)
         rel = result["relative"]
         operations = result["operations"]
         row = [

@@ -57,7 +57,9 @@ def run_script(script: str, xla_flags: str = "", env: dict[str, str] | None = No
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run_file(path: object, *args: str, timeout: float) -> subprocess.CompletedProcess:
+def run_file(
+    path: str | os.PathLike[str], *args: str, timeout: float
+) -> subprocess.CompletedProcess:
     """Run the Python file at `path` with `args` in a fresh Python (see
     `script_environment`), as a user runs it; its output is captured."""
     return subprocess.run(
